@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make test` and `make serve`. Both build .venv first:
+# torch==2.13.0 before anything else (a looser pin would pull a multi-GB CUDA build), then the
+# project with its test extras.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.blockserve-installed
+PROMPT ?= a red circle on a blue background
+
+.PHONY: venv test unit integration lint serve clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+serve: $(STAMP)
+	$(VENV)/bin/blockserve demo "$(PROMPT)" -o demo.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

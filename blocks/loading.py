@@ -1,0 +1,170 @@
+"""Finding checkpoints and loading components from them.
+
+A checkpoint is a local folder or a Hugging Face Hub repo id holding `modular_model_index.json`
+(written by blockserve) or diffusers' `model_index.json`, plus one subfolder per component.
+For a repo id only the index is fetched first, and each subfolder only when its component is
+loaded; `HF_HUB_OFFLINE=1` and the HF cache are honoured by `huggingface_hub` itself. A local
+folder never touches the network. This module does not decide *which* components to load:
+`ModularPipeline.load_components` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blocks.specs import ComponentSpec
+
+MODULAR_INDEX = "modular_model_index.json"
+DIFFUSERS_INDEX = "model_index.json"
+
+
+class ComponentLoadError(RuntimeError):
+    """A component could not be loaded; the message names it and its source."""
+
+
+@dataclass
+class CheckpointIndex:
+    """What an index file says: the pipeline/blocks class, per-component entries, configs."""
+
+    source: str
+    class_name: str | None
+    blocks_class_name: str | None
+    components: dict[str, ComponentSpec] = field(default_factory=dict)
+    component_classes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)
+    is_modular: bool = False
+
+
+def is_local(path_or_repo_id: str | os.PathLike) -> bool:
+    return Path(path_or_repo_id).expanduser().is_dir()
+
+
+def resolve_files(
+    path_or_repo_id: str | os.PathLike,
+    patterns: list[str],
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> Path:
+    """The local folder holding `patterns` of a checkpoint: the folder itself when local,
+    else a snapshot of just those files from the Hub (or the HF cache when offline)."""
+    if is_local(path_or_repo_id):
+        return Path(path_or_repo_id).expanduser()
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            str(path_or_repo_id), allow_patterns=patterns, revision=revision, **hub_kwargs
+        )
+    )
+
+
+def read_index(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any
+) -> CheckpointIndex:
+    """Read a checkpoint's index (blockserve's modular one first, then diffusers')."""
+    folder = resolve_files(
+        path_or_repo_id, [MODULAR_INDEX, DIFFUSERS_INDEX], revision=revision, **hub_kwargs
+    )
+    for filename, modular in ((MODULAR_INDEX, True), (DIFFUSERS_INDEX, False)):
+        index_file = folder / filename
+        if index_file.is_file():
+            raw = json.loads(index_file.read_text())
+            return _parse_index(str(path_or_repo_id), raw, modular, revision)
+    raise FileNotFoundError(
+        f"{path_or_repo_id}: no {MODULAR_INDEX} or {DIFFUSERS_INDEX} found; is this a "
+        "diffusers-style checkpoint?"
+    )
+
+
+def _parse_index(
+    source: str, raw: dict[str, Any], modular: bool, revision: str | None
+) -> CheckpointIndex:
+    index = CheckpointIndex(
+        source=source,
+        class_name=raw.get("_class_name"),
+        blocks_class_name=raw.get("_blocks_class_name"),
+        is_modular=modular,
+    )
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        is_component = isinstance(value, list) and len(value) >= 2
+        if not is_component:
+            index.configs[key] = value
+            continue
+        library, class_name = value[0], value[1]
+        if library is None or class_name is None:
+            continue  # diffusers writes [null, null] for absent optional components
+        details = value[2] if modular and len(value) > 2 else {}
+        index.component_classes[key] = (library, class_name)
+        index.components[key] = ComponentSpec(
+            name=key,
+            pretrained_model_name_or_path=details.get("pretrained_model_name_or_path") or source,
+            subfolder=details.get("subfolder", key),
+            variant=details.get("variant"),
+            revision=details.get("revision", revision),
+        )
+    return index
+
+
+def import_class(library: str, class_name: str) -> type:
+    """`("diffusers", "AutoencoderKL")` -> the class, with a clear error when missing."""
+    try:
+        return getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ComponentLoadError(f"cannot import {library}.{class_name}: {error}") from error
+
+
+def load_component(
+    spec: ComponentSpec,
+    index_class: tuple[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    **hub_kwargs: Any,
+) -> Any:
+    """Load one component from its spec's source; errors name the component and source."""
+    source = spec.pretrained_model_name_or_path
+    if source is None:
+        raise ComponentLoadError(
+            f"component {spec.name!r} has no source: give the pipeline a checkpoint or set "
+            "it with update_components"
+        )
+    cls = import_class(*index_class) if index_class is not None else spec.type_hint
+    if cls is None:
+        raise ComponentLoadError(f"component {spec.name!r} from {source}: unknown class")
+    where = f"{source}" + (f" (subfolder {spec.subfolder!r})" if spec.subfolder else "")
+    try:
+        folder = resolve_files(
+            source,
+            [f"{spec.subfolder}/*"] if spec.subfolder else ["*"],
+            revision=spec.revision,
+            **hub_kwargs,
+        )
+        kwargs: dict[str, Any] = {}
+        if spec.subfolder:
+            kwargs["subfolder"] = spec.subfolder
+        if spec.variant:
+            kwargs["variant"] = spec.variant
+        if dtype is not None and issubclass(cls, torch.nn.Module):
+            # transformers >= 5 takes `dtype`; diffusers still takes `torch_dtype`.
+            dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+            kwargs[dtype_arg] = dtype
+        return cls.from_pretrained(str(folder), **kwargs)
+    except ComponentLoadError:
+        raise
+    except Exception as error:  # any library's failure becomes one clear, named error
+        raise ComponentLoadError(
+            f"failed to load component {spec.name!r} ({cls.__name__}) from {where}: {error}"
+        ) from error
+
+
+def component_class_entry(component: Any) -> tuple[str, str]:
+    """`(library, class name)` for an index entry, e.g. `("diffusers", "AutoencoderKL")`."""
+    cls = type(component)
+    return cls.__module__.split(".")[0], cls.__name__
