@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
@@ -22,6 +21,7 @@ from blocks.composites import (
     LoopSequentialPipelineBlocks,
     SequentialPipelineBlocks,
 )
+from blocks.image_processing import check_output_type, postprocess, to_pixels
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 
 COLOURS = {
@@ -133,8 +133,7 @@ class DemoImageLatentsStep(ModularPipelineBlocks):
 
     def __call__(self, components, state):
         block_state = self.get_block_state(state)
-        array = np.asarray(block_state.image.convert("RGB"), dtype=np.float32) / 127.5 - 1
-        image = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        image = to_pixels(block_state.image) * 2 - 1  # (1, 3, H, W) in [-1, 1]
         _, _, height, width = image.shape
         eps = noise(block_state.generator, block_state.batch_size, height, width)
         block_state.latents = (1 - block_state.strength) * image + block_state.strength * eps
@@ -205,22 +204,9 @@ class DemoDecodeStep(ModularPipelineBlocks):
 
     def __call__(self, components, state):
         block_state = self.get_block_state(state)
-        images = (block_state.latents / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
-        if block_state.output_type == "pt":
-            block_state.images = images
-        else:
-            arrays = images.permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
-            if block_state.output_type == "np":
-                block_state.images = arrays
-            elif block_state.output_type == "pil":
-                block_state.images = [
-                    Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays
-                ]
-            else:
-                raise ValueError(
-                    f"{self.path}: output_type {block_state.output_type!r} is not one of "
-                    "'pil', 'np', 'pt'"
-                )
+        check_output_type(block_state.output_type, self.path)
+        # The latents already are pixels in [-1, 1] here: no VAE in the demo.
+        block_state.images = postprocess(block_state.latents, block_state.output_type)
         self.set_block_state(state, block_state)
         return components, state
 

@@ -18,7 +18,7 @@ BlocksFactory = Callable[[CheckpointIndex], ModularPipelineBlocks]
 _FACTORIES: dict[str, BlocksFactory] = {}
 _BLOCK_CLASSES: dict[str, type[ModularPipelineBlocks]] = {}
 # Imported on first lookup, so `import blocks` stays light.
-BUILTIN_FAMILY_MODULES: tuple[str, ...] = ()
+BUILTIN_FAMILY_MODULES: tuple[str, ...] = ("blocks.flux2", "blocks.stable_diffusion")
 
 
 def register_family(class_names: tuple[str, ...], factory: BlocksFactory) -> None:

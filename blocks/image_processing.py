@@ -1,0 +1,95 @@
+"""Pixels in and out of pipelines: user images to tensors, decoded tensors to outputs.
+
+The conversions follow diffusers' conventions exactly (PIL -> float32 / 255; outputs
+denormalised with `x / 2 + 0.5`, clamped, and rounded to uint8 for PIL), so images match the
+reference pipelines bit for bit. Family-specific resizing rules (multiples of a VAE factor,
+area limits) live in the families, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+ImageInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Any]
+
+
+def check_output_type(output_type: str, owner: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(
+            f"{owner}: output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
+        )
+
+
+def image_list(image: ImageInput) -> list[Any]:
+    """One image or a batch as a list of single images."""
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        return list(image)
+    return [image]
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a PIL image, an (H, W[, C]) array or a (C, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-2]), int(image.shape[-1])
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def to_pixels(
+    image: ImageInput,
+    height: int | None = None,
+    width: int | None = None,
+    mode: str = "RGB",
+    resample: int = Image.LANCZOS,
+) -> torch.Tensor:
+    """(B, C, H, W) float32 in [0, 1], resized to `height` x `width` when given.
+
+    PIL images are converted to `mode` and resized with `resample`; arrays are (H, W, C) in
+    [0, 1]; tensors are (C, H, W) in [0, 1] and resized with nearest-exact interpolation as
+    diffusers does for tensors.
+    """
+    tensors = []
+    for item in image_list(image):
+        if isinstance(item, Image.Image):
+            item = item.convert(mode)
+            if height is not None and width is not None and item.size != (width, height):
+                item = item.resize((width, height), resample=resample)
+            array = np.array(item).astype(np.float32) / 255.0
+            if array.ndim == 2:
+                array = array[:, :, None]
+            tensors.append(torch.from_numpy(array).permute(2, 0, 1))
+        elif isinstance(item, np.ndarray):
+            array = item.astype(np.float32)
+            tensors.append(torch.from_numpy(array[:, :, None] if array.ndim == 2 else array)
+                           .permute(2, 0, 1))
+        elif isinstance(item, torch.Tensor):
+            tensors.append(item.float() if item.ndim == 3 else item[None].float())
+        else:
+            raise TypeError(f"unsupported image type {type(item).__name__}; "
+                            "use PIL images, numpy arrays or torch tensors")
+    batch = torch.stack(tensors)  # (B, C, H, W)
+    if height is not None and width is not None and batch.shape[-2:] != (height, width):
+        batch = torch.nn.functional.interpolate(batch, size=(height, width))
+    return batch
+
+
+def postprocess(images: torch.Tensor, output_type: str = "pil") -> Any:
+    """Decoded images in [-1, 1], (B, C, H, W) -> PIL list, (B, H, W, C) array or tensor."""
+    if output_type == "latent":
+        return images
+    images = (images / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    arrays = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, C)
+    if output_type == "np":
+        return arrays
+    return [Image.fromarray(a) for a in (arrays * 255).round().astype("uint8")]
