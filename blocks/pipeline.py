@@ -111,7 +111,6 @@ class ModularPipeline:
             components_manager=components_manager,
             collection=collection,
             index=index,
-            revision=revision,
             **hub_kwargs,
         )
 
