@@ -6,6 +6,7 @@ imports no serving stack (Ray, FastAPI, Prometheus); those live in `deployments`
 """
 
 from blocks.block import ModularPipelineBlocks
+from blocks.components_manager import ComponentOutOfMemoryError, ComponentsManager
 from blocks.composites import (
     AutoPipelineBlocks,
     ConditionalPipelineBlocks,
@@ -23,7 +24,9 @@ __all__ = [
     "AutoPipelineBlocks",
     "BlockState",
     "ComponentLoadError",
+    "ComponentOutOfMemoryError",
     "ComponentSpec",
+    "ComponentsManager",
     "ConditionalPipelineBlocks",
     "ConfigSpec",
     "GenerationCancelled",

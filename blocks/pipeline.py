@@ -68,6 +68,7 @@ class ModularPipeline:
         self._index = index
         self._specs: dict[str, ComponentSpec] = {}
         self._components: dict[str, Any] = {}
+        self._component_ids: dict[str, str] = {}  # ids in the components manager, if any
         self._configs: dict[str, Any] = {c.name: c.default for c in blocks.expected_configs}
         for spec in blocks.expected_components:
             found = index.components.get(spec.name) if index else None
@@ -163,6 +164,7 @@ class ModularPipeline:
                 name, value, collection=self._collection, load_id=load_id
             )
             value = self._manager.get(component_id)
+            self._component_ids[name] = component_id
         self._components[name] = value
         return value
 
@@ -234,16 +236,21 @@ class ModularPipeline:
         return self._set_component(name, component, load_id=spec.load_id)
 
     def unload_components(self, names: str | Iterable[str] | None = None) -> None:
-        """Drop components (all loaded ones by default); a shared copy stays for its others."""
+        """Drop components (all loaded ones by default).
+
+        With a components manager and a collection, the component leaves the collection and
+        the manager drops it once no collection holds it; without a collection the manager
+        keeps it, since it cannot know whether another pipeline still uses it.
+        """
         names = list(self._components) if names is None else (
             [names] if isinstance(names, str) else list(names)
         )
         for name in names:
-            component = self._components.get(name)
-            if component is None:
-                continue
-            if self._manager is not None:
-                self._manager.release(component, collection=self._collection)
+            component_id = self._component_ids.pop(name, None)
+            if component_id is not None and self._collection is not None:
+                self._manager.remove_from_collection(component_id, self._collection)
+                if not any(component_id in ids for ids in self._manager.collections.values()):
+                    self._manager.remove(component_id)
             self._components[name] = None
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -255,9 +262,9 @@ class ModularPipeline:
 
     @property
     def _execution_device(self) -> torch.device:
-        offload_device = getattr(self._manager, "offload_device", None)
-        if offload_device is not None:
-            return torch.device(offload_device)
+        managed = self._manager.execution_device if self._manager is not None else None
+        if managed is not None:
+            return managed
         for component in self._components.values():
             if isinstance(component, torch.nn.Module):
                 for tensor in component.parameters():

@@ -176,3 +176,45 @@ def test_repo_id_fetches_index_first_then_only_loaded_subfolders(checkpoint, mon
     pipe.load_components(names="vae")
     assert calls == [["vae/*"]]
 
+
+
+def test_pipelines_sharing_a_manager_hold_one_copy(checkpoint, tmp_path, no_hub):
+    from blocks import ComponentsManager
+
+    manager = ComponentsManager()
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy_dir)  # same weights, another folder
+    first = ModularPipeline.from_pretrained(str(checkpoint), components_manager=manager,
+                                            collection="first")
+    second = ModularPipeline.from_pretrained(str(copy_dir), components_manager=manager,
+                                             collection="second")
+    first.load_components()
+    second.load_components()
+    assert second.vae is first.vae and second.text_encoder is first.text_encoder
+    # image_encoder has the very weights of vae: one object for both, by content hash
+    assert first.image_encoder is first.vae
+    modules = [c for c in first.components.values() if isinstance(c, torch.nn.Module)]
+    assert len({id(m) for m in modules}) == 2
+    assert "AutoencoderKL" in manager.summary() and "first, second" in manager.summary()
+
+    second.unload_components("text_encoder")  # still in "first": kept
+    assert first.text_encoder is not None and len(manager.search("text_encoder*")) == 1
+    first.unload_components("text_encoder")  # in no collection now: dropped
+    assert manager.search("text_encoder*") == []
+
+
+def test_auto_offload_moves_models_per_block_under_a_budget(checkpoint, no_hub):
+    from blocks import ComponentsManager
+
+    manager = ComponentsManager()
+    pipe = ModularPipeline.from_pretrained(str(checkpoint), components_manager=manager)
+    pipe.load_components(names=["text_encoder", "vae"])
+    text_bytes = sum(t.numel() * t.element_size() for t in pipe.text_encoder.state_dict().values())
+    vae_bytes = sum(t.numel() * t.element_size() for t in pipe.vae.state_dict().values())
+    # room for the larger of the two, not both: every call must swap them
+    manager.enable_auto_offload("cpu", memory_budget=max(text_bytes, vae_bytes) + 1)
+    pipe(prompt_ids=torch.tensor([[1, 2]]), output="images")
+    pipe(prompt_ids=torch.tensor([[1, 2]]), output="images")
+    loads = [r.component_id for r in manager.offload_log if r.is_load]
+    assert loads == ["text_encoder_1", "vae_1", "text_encoder_1", "vae_1"]
+    assert all(r.resident_bytes <= max(text_bytes, vae_bytes) + 1 for r in manager.offload_log)
