@@ -27,8 +27,9 @@ def leaf(name: str, reads: list[str], writes: list[str], required: tuple[str, ..
 
         def __call__(self, components, state):
             block_state = self.get_block_state(state)
+            args = ",".join(str(block_state.get(r)) for r in reads)
             for w in writes:
-                setattr(block_state, w, f"{name}({','.join(str(block_state.get(r)) for r in reads)})")
+                setattr(block_state, w, f"{name}({args})")
             self.set_block_state(state, block_state)
             return components, state
 
@@ -196,7 +197,7 @@ def test_loop_rejects_non_leaf_sub_blocks():
     bad = type("Bad", (LoopSequentialPipelineBlocks,), {
         "block_classes": [ABC], "block_names": ["nested"],
     })
-    with pytest.raises(ValueError, match="'nested'.*not a leaf"):
+    with pytest.raises(ValueError, match=r"'nested'.*not a leaf"):
         bad()
     loop = CountLoop()
     loop.sub_blocks.insert("nested", ABC(), 0)

@@ -77,7 +77,8 @@ def test_failed_load_names_component_and_source(checkpoint, tmp_path, no_hub):
     shutil.copytree(checkpoint, broken)
     (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     pipe = ModularPipeline.from_pretrained(str(broken))
-    with pytest.raises(ComponentLoadError, match=rf"component 'vae' \(AutoencoderKL\) from {broken}"):
+    expected = rf"component 'vae' \(AutoencoderKL\) from {broken}"
+    with pytest.raises(ComponentLoadError, match=expected):
         pipe.load_components(names="vae")
     assert pipe.vae is None  # no silent half-load
 
@@ -101,7 +102,7 @@ def test_missing_component_is_loaded_on_first_use(checkpoint, no_hub):
 
 def test_missing_component_without_source_is_a_clear_error():
     pipe = TinyTestBlocks().init_pipeline()
-    with pytest.raises(ValueError, match="component 'text_encoder' is not loaded and has no source"):
+    with pytest.raises(ValueError, match="'text_encoder' is not loaded and has no source"):
         pipe(prompt_ids=torch.tensor([[1, 2]]))
 
 
