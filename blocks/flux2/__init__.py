@@ -1,0 +1,56 @@
+"""FLUX.2 [klein] as blocks, registered for checkpoints whose index names
+`Flux2KleinPipeline` (diffusers) or `Flux2KleinAutoBlocks` (blockserve).
+
+The tiny random-weight checkpoint factory lives in `blocks.flux2.tiny_model` and is not
+imported here: it needs diffusers' pipeline classes, which product code never imports.
+"""
+
+from blocks.families import register_blocks_class, register_family
+from blocks.flux2.before_denoise import (
+    Flux2KleinPrepareImageLatentsStep,
+    Flux2KleinPrepareLatentsStep,
+    Flux2KleinSetTimestepsStep,
+    compute_empirical_mu,
+)
+from blocks.flux2.decoders import Flux2KleinDecodeStep
+from blocks.flux2.denoise import (
+    Flux2KleinDenoiseLoop,
+    Flux2KleinLoopDenoiser,
+    Flux2KleinSchedulerStep,
+)
+from blocks.flux2.encoders import (
+    Flux2KleinImagePreprocessStep,
+    Flux2KleinTextEncoderStep,
+    Flux2KleinVaeEncodeStep,
+)
+from blocks.flux2.modular_blocks import (
+    Flux2KleinAutoBlocks,
+    Flux2KleinAutoDenoiseStep,
+    Flux2KleinAutoVaeEncoderStep,
+    Flux2KleinImageConditionedDenoiseStep,
+    Flux2KleinText2ImageDenoiseStep,
+    Flux2KleinVaeEncoderStep,
+)
+
+register_blocks_class(Flux2KleinAutoBlocks)
+register_family(("Flux2KleinPipeline",), lambda index: Flux2KleinAutoBlocks())
+
+__all__ = [
+    "Flux2KleinAutoBlocks",
+    "Flux2KleinAutoDenoiseStep",
+    "Flux2KleinAutoVaeEncoderStep",
+    "Flux2KleinDecodeStep",
+    "Flux2KleinDenoiseLoop",
+    "Flux2KleinImageConditionedDenoiseStep",
+    "Flux2KleinImagePreprocessStep",
+    "Flux2KleinLoopDenoiser",
+    "Flux2KleinPrepareImageLatentsStep",
+    "Flux2KleinPrepareLatentsStep",
+    "Flux2KleinSchedulerStep",
+    "Flux2KleinSetTimestepsStep",
+    "Flux2KleinText2ImageDenoiseStep",
+    "Flux2KleinTextEncoderStep",
+    "Flux2KleinVaeEncodeStep",
+    "Flux2KleinVaeEncoderStep",
+    "compute_empirical_mu",
+]
