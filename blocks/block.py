@@ -125,17 +125,14 @@ class ModularPipelineBlocks:
 
     def set_block_state(self, state: PipelineState, block_state: BlockState) -> None:
         """Write this block's declared outputs (all of them must be set) and any input it
-        replaced back to `state`."""
+        replaced (e.g. a size it filled in) back to `state`."""
         for param in self.intermediate_outputs:
             if param.name not in block_state:
                 raise ValueError(f"{self.path}: declared output '{param.name}' was not set")
             state.set(param.name, block_state[param.name], param.kwargs_type)
         for param in self.inputs:
-            name = param.name
-            if name is None or name not in state or name not in block_state:
-                continue
-            if block_state[name] is not state.get(name):
-                state.set(name, block_state[name], param.kwargs_type)
+            if param.name is not None and block_state.replaced(param.name):
+                state.set(param.name, block_state[param.name], param.kwargs_type)
 
     # -- composition helpers shared by all blocks ------------------------------------------
 

@@ -54,32 +54,37 @@ def to_pixels(
     """(B, C, H, W) float32 in [0, 1], resized to `height` x `width` when given.
 
     PIL images are converted to `mode` and resized with `resample`; arrays are (H, W, C) in
-    [0, 1]; tensors are (C, H, W) in [0, 1] and resized with nearest-exact interpolation as
-    diffusers does for tensors.
+    [0, 1]; tensors are (C, H, W) in [0, 1] and resized with nearest interpolation, as
+    diffusers does for tensors. Pixels from PIL images and arrays come back as a channels-last
+    strided view of one (B, H, W, C) array, the layout diffusers' image processor produces:
+    convolutions pick kernels by layout, so matching it keeps results bit-identical.
     """
-    tensors = []
-    for item in image_list(image):
-        if isinstance(item, Image.Image):
-            item = item.convert(mode)
-            if height is not None and width is not None and item.size != (width, height):
-                item = item.resize((width, height), resample=resample)
-            array = np.array(item).astype(np.float32) / 255.0
-            if array.ndim == 2:
-                array = array[:, :, None]
-            tensors.append(torch.from_numpy(array).permute(2, 0, 1))
-        elif isinstance(item, np.ndarray):
-            array = item.astype(np.float32)
-            tensors.append(torch.from_numpy(array[:, :, None] if array.ndim == 2 else array)
-                           .permute(2, 0, 1))
-        elif isinstance(item, torch.Tensor):
-            tensors.append(item.float() if item.ndim == 3 else item[None].float())
-        else:
-            raise TypeError(f"unsupported image type {type(item).__name__}; "
-                            "use PIL images, numpy arrays or torch tensors")
-    batch = torch.stack(tensors)  # (B, C, H, W)
+    items = image_list(image)
+    if all(isinstance(item, torch.Tensor) for item in items):
+        batch = torch.stack([item.float() for item in items])  # (B, C, H, W)
+    else:
+        arrays = [_pixel_array(item, height, width, mode, resample) for item in items]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, C, H, W) view
     if height is not None and width is not None and batch.shape[-2:] != (height, width):
         batch = torch.nn.functional.interpolate(batch, size=(height, width))
     return batch
+
+
+def _pixel_array(
+    item: Any, height: int | None, width: int | None, mode: str, resample: int
+) -> np.ndarray:
+    """One image as an (H, W, C) float32 array in [0, 1]."""
+    if isinstance(item, Image.Image):
+        item = item.convert(mode)
+        if height is not None and width is not None and item.size != (width, height):
+            item = item.resize((width, height), resample=resample)
+        array = np.array(item).astype(np.float32) / 255.0
+    elif isinstance(item, np.ndarray):
+        array = item.astype(np.float32)
+    else:
+        raise TypeError(f"unsupported image type {type(item).__name__}; "
+                        "use PIL images, numpy arrays or torch tensors (not mixed)")
+    return array[:, :, None] if array.ndim == 2 else array
 
 
 def postprocess(images: torch.Tensor, output_type: str = "pil") -> Any:

@@ -70,28 +70,59 @@ class PipelineState:
 
 
 class BlockState:
-    """The attributes one block reads and writes while it runs."""
+    """The attributes one block reads and writes while it runs.
+
+    It remembers the input values it was created with, so `set_block_state` can tell which
+    inputs the block replaced (and write only those back).
+    """
+
+    __slots__ = ("_read", "_values")
 
     def __init__(self, **values: Any) -> None:
-        self.__dict__.update(values)
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_read", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # keeps copy/pickle probing away from the values
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"BlockState has no value {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._values[name] = value
 
     def __getitem__(self, key: str) -> Any:
-        return self.__dict__[key]
+        return self._values[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self.__dict__[key] = value
+        self._values[key] = value
 
     def __contains__(self, key: str) -> bool:
-        return key in self.__dict__
+        return key in self._values
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"values": self._values, "read": self._read}
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        object.__setattr__(self, "_values", data["values"])
+        object.__setattr__(self, "_read", data["read"])
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.__dict__.get(key, default)
+        return self._values.get(key, default)
+
+    def replaced(self, key: str) -> bool:
+        """Whether `key` now holds another object than the one the block was given."""
+        if key not in self._values:
+            return False
+        return key not in self._read or self._values[key] is not self._read[key]
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dict(self._values)
 
     def __repr__(self) -> str:
-        items = ", ".join(f"{k}={_short_repr(v)}" for k, v in self.__dict__.items())
+        items = ", ".join(f"{k}={_short_repr(v)}" for k, v in self._values.items())
         return f"BlockState({items})"
 
 

@@ -134,3 +134,22 @@ def test_leaf_block_runs_with_exactly_its_declared_inputs():
 def test_input_param_needs_name_or_kwargs_type():
     with pytest.raises(ValueError, match="needs a name"):
         InputParam(None)
+
+
+class FillSize(ModularPipelineBlocks):
+    inputs = [InputParam("height", int), InputParam("width", int, default=16)]
+
+    def __call__(self, components, state):
+        block_state = self.get_block_state(state)
+        if block_state.height is None:
+            block_state.height = 32  # filled in: written back although the user never set it
+        self.set_block_state(state, block_state)
+        return components, state
+
+
+def test_inputs_a_block_replaces_are_written_back_untouched_ones_are_not():
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"fill": FillSize})
+    state = blocks.init_pipeline()()
+    assert state.get("height") == 32
+    assert "width" not in state  # the default was read, not replaced: nothing written
+    assert blocks.init_pipeline()(height=8, output="height") == 8
