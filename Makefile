@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.blockserve-installed
 PROMPT ?= a red circle on a blue background
 
-.PHONY: venv test unit integration lint serve clean
+.PHONY: venv test unit integration lint serve demo clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,12 @@ integration: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The HTTP API on the default models file (a tiny SD model, written on first start);
+# BLOCKSERVE_* variables apply (e.g. BLOCKSERVE_PORT, BLOCKSERVE_MODELS_FILE, BLOCKSERVE_API_KEYS).
 serve: $(STAMP)
+	$(VENV)/bin/blockserve serve
+
+demo: $(STAMP)
 	$(VENV)/bin/blockserve demo "$(PROMPT)" -o demo.png
 
 clean:

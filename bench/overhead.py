@@ -79,6 +79,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
+    import diffusers
+    import transformers
+
+    # Keep the output to the table: no load bars, no "guidance is ignored" notices.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint(args.family, Path(tmp))
         runners = build_runners(args.family, checkpoint, args.steps, args.size)

@@ -1,9 +1,14 @@
 """The `blockserve` command line.
 
+    blockserve serve [--models FILE] [--host 127.0.0.1] [--port 8000]   the HTTP API
+    blockserve generate "a red circle" -o out.png [--model M] [--steps N] [--seed S]
+                        [--size WxH] [--image in.png] [--mask m.png]   one image, no server
+    blockserve models [--models FILE]                                  the configured models
     blockserve demo "a red circle" -o out.png      run the built-in demo pipeline
     blockserve tiny-model sd OUT_DIR [--controlnet] [--depth] [--inpaint]
     blockserve tiny-model flux2-klein OUT_DIR [--base]
 
+The models file defaults to BLOCKSERVE_MODELS_FILE, else the packaged one (service/models.yaml).
 Argument errors exit with status 2 and a message naming the argument, never a traceback.
 """
 
@@ -13,6 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -42,6 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", type=_size, default=(64, 64), help="WxH, e.g. 64x64")
+
+    serve = commands.add_parser("serve", help="run the HTTP image-generation API")
+    serve.add_argument("--models", type=Path, help="models file (YAML)")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    generate = commands.add_parser(
+        "generate", help="make one image in this process from a configured model (no server)"
+    )
+    generate.add_argument("prompt")
+    generate.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                          help="where to write the image (.png, .jpg or .webp)")
+    generate.add_argument("--models", type=Path, help="models file (YAML)")
+    generate.add_argument("--model", help="a configured model (default: the first)")
+    generate.add_argument("--steps", type=_positive, help="num_inference_steps")
+    generate.add_argument("--seed", type=int, help="random when absent; printed either way")
+    generate.add_argument("--size", type=_size, help="WxH, one of the model's sizes")
+    generate.add_argument("--guidance-scale", type=float)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--scheduler", help="one of the model's schedulers")
+    generate.add_argument("--image", type=Path, help="edit this image (image-to-image)")
+    generate.add_argument("--mask", type=Path, help="with --image: inpaint where transparent")
+    generate.add_argument("--strength", type=float, help="with --image: how much to change")
+
+    models = commands.add_parser("models", help="list the configured models")
+    models.add_argument("--models", type=Path, help="models file (YAML)")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint")
     tiny.add_argument("family", choices=["sd", "flux2-klein"])
@@ -95,6 +128,120 @@ def run_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     print(f"wrote {path}")
 
 
+def _settings_and_models(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                         **overrides: object) -> tuple[Any, Any]:
+    from service.models_file import ModelsFileError, load_models_file
+    from service.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env(models_file=args.models, **overrides)
+        return settings, load_models_file(settings.models_file)
+    except (SettingsError, ModelsFileError) as error:
+        parser.exit(2, f"blockserve {args.command}: error: {error}\n")
+
+
+def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+
+    settings, models = _settings_and_models(
+        args, parser, host=args.host, port=args.port, log_level=args.log_level
+    )
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, models)
+    auth = "on" if settings.api_keys else "off"
+    print(f"blockserve: serving {', '.join(models.models)} on "
+          f"http://{settings.host}:{settings.port} (auth {auth}; docs at /docs)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    settings, models = _settings_and_models(args, parser)
+    print(f"models file: {settings.models_file}")
+    for index, (name, config) in enumerate(models.models.items()):
+        default = " (default)" if index == 0 else ""
+        print(f"{name}{default}: family {config.family}, path {config.path or '(built in)'}, "
+              f"sizes {', '.join(config.allowed_sizes)}, steps {config.defaults.steps} "
+              f"(max {config.limits.max_steps}), n up to {config.limits.max_n}, "
+              f"{config.dtype} on {config.device}")
+
+
+def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from pydantic import ValidationError
+    from tqdm.auto import tqdm
+
+    from service.errors import APIError, validation_error
+    from service.image_io import decode_image, encode_image
+    from service.jobs import run_job
+    from service.registry import ModelRegistry
+    from service.schemas import ImageEditRequest, ImageGenerationRequest
+    from service.validation import build_job, edit_workflow, resolve_model
+
+    _, models = _settings_and_models(args, parser)
+    if args.mask is not None and args.image is None:
+        parser.error("--mask needs --image")
+    suffix = args.output.suffix.lower().lstrip(".") or "png"
+    output_format = {"jpg": "jpeg"}.get(suffix, suffix)
+    if output_format not in ("png", "jpeg", "webp"):
+        parser.error(f"-o/--output must end in .png, .jpg, .jpeg or .webp, got {args.output}")
+    fields = {
+        "prompt": args.prompt, "model": args.model, "num_inference_steps": args.steps,
+        "seed": args.seed, "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt, "scheduler": args.scheduler,
+        "size": f"{args.size[0]}x{args.size[1]}" if args.size else None,
+    }
+    request_class = ImageGenerationRequest if args.image is None else ImageEditRequest
+    edit_fields = {} if args.image is None else {"image": "(file)", "strength": args.strength}
+    registry = ModelRegistry(models)
+    try:
+        request = request_class(**fields, **edit_fields)
+        name = resolve_model(registry, request.model)
+        image = mask = None
+        if args.image is not None:
+            image = decode_image(_read(args.image, parser), "--image")
+            if args.mask is not None:
+                mask = decode_image(_read(args.mask, parser), "--mask")
+        print(f"loading model {name} ...", file=sys.stderr)
+        model = _load(registry, name, parser)
+        workflow = "text2image" if image is None else edit_workflow(model, mask is not None)
+        job = build_job(request, model, workflow, image, mask)
+    except ValidationError as error:
+        message = validation_error(error, request_class).message
+        parser.exit(2, f"blockserve generate: error: {message}\n")
+    except APIError as error:
+        parser.exit(2, f"blockserve generate: error: {error.message}\n")
+    with tqdm(total=job.steps, desc=f"{name} {workflow}", unit="step") as bar:
+        def on_step(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        job.on_step = on_step
+        result = run_job(model, job)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(encode_image(result.images[0], output_format))
+    print(f"wrote {args.output} ({job.width}x{job.height}, model {name}, seed {job.seed}, "
+          f"{result.seconds:.2f}s)")
+
+
+def _load(registry: Any, name: str, parser: argparse.ArgumentParser) -> Any:
+    try:
+        return registry.load(name)
+    except Exception as error:  # a broken checkpoint: say so, without a traceback
+        parser.exit(1, f"blockserve generate: model {name!r} failed to load: {error}\n")
+
+
+def _read(path: Path, parser: argparse.ArgumentParser) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        parser.error(f"cannot read {path}: {error.strerror}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -102,6 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_demo(args)
     elif args.command == "tiny-model":
         run_tiny_model(args, parser)
+    elif args.command == "serve":
+        run_serve(args, parser)
+    elif args.command == "generate":
+        run_generate(args, parser)
+    elif args.command == "models":
+        run_models(args, parser)
     return 0
 
 
