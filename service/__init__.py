@@ -1,4 +1,6 @@
-"""blockserve's entry points: the `blockserve` command line today, the HTTP API later.
+"""blockserve's entry points: the `blockserve` command line and the HTTP image-generation API.
 
-`service` may import `deployments` and `blocks`; nothing imports `service`.
+`service.app.create_app(settings)` builds the FastAPI app (embedded mode: models, engine and
+metrics in this process); `service.cli` is the command line (`serve`, `generate`, `models`,
+`demo`, `tiny-model`). `service` may import `deployments` and `blocks`; nothing imports `service`.
 """

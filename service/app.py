@@ -1,0 +1,81 @@
+"""`create_app(settings)`: the FastAPI app of the image-generation API, embedded mode.
+
+It wires one process's pieces together: the models file → a `ModelRegistry` (one shared
+`ComponentsManager`, models loaded on a background thread at startup so `/readyz` can say 503
+until they are), a `SerialEngine` running jobs, per-app Prometheus metrics, the url-image store,
+the routes, error handlers and the request middleware. Nothing is global: two apps in one
+process are independent (tests rely on it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from blocks import ComponentsManager
+from service.context import ServiceContext
+from service.engine import Engine, SerialEngine
+from service.errors import install_error_handlers
+from service.file_store import FileStore
+from service.metrics import ServiceMetrics
+from service.middleware import ServiceMiddleware
+from service.models_file import ModelsFile, load_models_file
+from service.openapi import build_openapi
+from service.registry import READY, ModelRegistry
+from service.routes import health as health_routes
+from service.routes import images as image_routes
+from service.routes import models as model_routes
+from service.settings import Settings
+
+DESCRIPTION = (
+    "OpenAI-compatible image generation served by blockserve's composable pipeline blocks. "
+    "Extensions to OpenAI's fields: negative_prompt, num_inference_steps, guidance_scale, "
+    "seed, scheduler, strength. Errors use OpenAI's shape."
+)
+
+
+def create_app(
+    settings: Settings | None = None,
+    models: ModelsFile | None = None,
+    engine: Engine | None = None,
+) -> FastAPI:
+    """The app for `settings` (default: from the environment) serving `models` (default: the
+    settings' models file). Models start loading, and the engine starts, with the app."""
+    settings = settings if settings is not None else Settings.from_env()
+    models = models if models is not None else load_models_file(settings.models_file)
+    manager = ComponentsManager()
+    metrics = ServiceMetrics(manager)
+    registry = ModelRegistry(models, manager, block_observer=metrics.observe_block,
+                             on_components_loaded=metrics.components_loaded)
+    engine = engine if engine is not None else SerialEngine(registry, settings.queue_size)
+    context = ServiceContext(
+        settings=settings, registry=registry, engine=engine, metrics=metrics,
+        files=FileStore(settings.file_ttl_seconds, settings.file_store_bytes),
+        created=int(time.time()),
+    )
+    metrics.watch(
+        queued=lambda: engine.queued,
+        ready=lambda: sum(s["state"] == READY for s in registry.states().values()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        registry.start_loading()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="blockserve", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.service = context
+    install_error_handlers(app)
+    app.include_router(image_routes.router)
+    app.include_router(model_routes.router)
+    app.include_router(health_routes.router)
+    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes,
+                       metrics=metrics)
+    app.openapi = lambda: build_openapi(app, registry)  # type: ignore[method-assign]
+    return app

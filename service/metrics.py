@@ -1,0 +1,129 @@
+"""Prometheus metrics of one app, in its own registry (two apps in a process never collide).
+
+    blockserve_requests_total{model,workflow,status}      image requests, by HTTP status
+    blockserve_request_duration_seconds{model,workflow}   image request latency
+    blockserve_block_duration_seconds{model,block}        each top-level block of a pipeline run
+    blockserve_images_generated_total{model}
+    blockserve_component_loads_total{source}              storage: loaded from a checkpoint;
+                                                          device: moved onto the device by the
+                                                          ComponentsManager's auto offload
+    blockserve_component_offloads_total                   moves off the device
+    blockserve_component_resident_bytes{device}           bytes of held weights, by device
+    blockserve_queue_jobs                                 jobs waiting for the engine
+    blockserve_models_ready                               models loaded and ready
+
+Labels only ever carry configured model names and known workflows, never request text, so
+their number stays bounded. The component series are read from the ComponentsManager when
+scraped, not pushed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _ComponentsCollector(Collector):
+    """Component series from the ComponentsManager, computed at scrape time."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self._lock = threading.Lock()
+        self._last_record: Any = None  # the newest offload-log record already counted
+        self._device_loads = 0
+        self._offloads = 0
+        self.storage_loads = 0
+
+    def _count_new_moves(self) -> None:
+        log = self._manager.offload_log
+        new = []
+        for record in reversed(log):  # the log is bounded: count only what we haven't seen
+            if record is self._last_record:
+                break
+            new.append(record)
+        if log:
+            self._last_record = log[-1]
+        for record in new:
+            if record.is_load:
+                self._device_loads += 1
+            else:
+                self._offloads += 1
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            self._count_new_moves()
+            loads = CounterMetricFamily(
+                "blockserve_component_loads", "Components loaded, by source.", labels=["source"]
+            )
+            loads.add_metric(["storage"], self.storage_loads)
+            loads.add_metric(["device"], self._device_loads)
+            offloads = CounterMetricFamily(
+                "blockserve_component_offloads", "Components moved off the device."
+            )
+            offloads.add_metric([], self._offloads)
+        resident = GaugeMetricFamily(
+            "blockserve_component_resident_bytes", "Bytes of held weights, by device.",
+            labels=["device"],
+        )
+        for device, count in sorted(self._manager.bytes_by_device().items()):
+            resident.add_metric([device], count)
+        yield loads
+        yield offloads
+        yield resident
+
+
+class ServiceMetrics:
+    """All metrics of one app, and the hooks the registry and routes report through."""
+
+    def __init__(self, manager: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "blockserve_requests_total", "Image requests, by model, workflow and HTTP status.",
+            ["model", "workflow", "status"], registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "blockserve_request_duration_seconds", "Image request latency.",
+            ["model", "workflow"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.block_duration = Histogram(
+            "blockserve_block_duration_seconds", "Time in each top-level pipeline block.",
+            ["model", "block"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.images_generated = Counter(
+            "blockserve_images_generated_total", "Images generated.", ["model"],
+            registry=self.registry,
+        )
+        self.queue_jobs = Gauge("blockserve_queue_jobs", "Jobs waiting for the engine.",
+                                registry=self.registry)
+        self.models_ready = Gauge("blockserve_models_ready", "Models loaded and ready.",
+                                  registry=self.registry)
+        self._components = _ComponentsCollector(manager)
+        self.registry.register(self._components)
+
+    # Hooks ----------------------------------------------------------------------------------
+
+    def observe_block(self, model: str, block: str, seconds: float) -> None:
+        self.block_duration.labels(model, block).observe(seconds)
+
+    def components_loaded(self, _model: str, count: int) -> None:
+        with self._components._lock:
+            self._components.storage_loads += count
+
+    def observe_request(self, model: str, workflow: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, workflow, str(status)).inc()
+        self.request_duration.labels(model, workflow).observe(seconds)
+
+    def watch(self, queued: Callable[[], int], ready: Callable[[], int]) -> None:
+        self.queue_jobs.set_function(queued)
+        self.models_ready.set_function(ready)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

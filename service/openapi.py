@@ -1,0 +1,62 @@
+"""The app's OpenAPI document: FastAPI's, plus the request bodies the image routes parse
+themselves, narrowed to this deployment (model names, sizes and schedulers as enums).
+
+FastAPI documents a 422 for validation errors; this API answers 400 in OpenAI's shape
+instead, so those entries are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.families import FAMILIES
+from service.registry import ModelRegistry
+from service.schemas import ImageEditRequest, ImageGenerationRequest
+
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def _restrict(prop: dict[str, Any], values: list[str]) -> None:
+    """Give the string branch of an optional string property an enum."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "string":
+            branch.pop("pattern", None)
+            branch["enum"] = values
+
+
+def build_openapi(app: FastAPI, registry: ModelRegistry) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ImageGenerationRequest, ImageEditRequest):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[model.__name__] = body
+    form = copy.deepcopy(schemas["ImageEditRequest"])
+    form["title"] = "ImageEditForm"
+    form["properties"]["image"] = {**_BINARY, "description": "The image to edit."}
+    form["properties"]["mask"] = {**_BINARY, "description": "Where to edit (transparent)."}
+    schemas["ImageEditForm"] = form
+
+    configs = [registry.config(name) for name in registry.names]
+    sizes = [*sorted({size for c in configs for size in c.allowed_sizes}), "auto"]
+    schedulers = sorted({s for c in configs for s in FAMILIES[c.family].schedulers})
+    for name in ("ImageGenerationRequest", "ImageEditRequest", "ImageEditForm"):
+        properties = schemas[name]["properties"]
+        _restrict(properties["model"], registry.names)
+        _restrict(properties["size"], sizes)
+        _restrict(properties["scheduler"], schedulers)
+
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,283 @@
+"""The models a service process has loaded, and their pipelines per scheduler.
+
+`ModelRegistry` turns the models file into running pipelines: it writes tiny checkpoints where
+`create_tiny` asks for them, builds each model's pipeline with `ModularPipeline.from_pretrained`
+(or the built-in demo blocks), loads its weights through one shared `ComponentsManager`, and
+tracks each model's state (pending, loading, ready, failed) for `/readyz`.
+
+A request may name a scheduler. Schedulers hold per-call state (timesteps), so a request never
+swaps the scheduler of a pipeline another request might be using: each (model, scheduler) gets
+its own pipeline, made on first use, whose weights are the very same objects as the model's
+first pipeline (shared through the ComponentsManager) and whose scheduler is created with
+`from_config(<the checkpoint's scheduler>.config)`.
+
+Not handled here: unloading models at run time, reloading a changed models file, and choosing
+which requests run when (that is the engine's job).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blocks import ComponentsManager, ModularPipeline, ModularPipelineBlocks
+from service.block_timing import with_block_timing
+from service.block_tree import block_tree
+from service.families import FAMILIES, FamilySupport
+from service.models_file import ModelConfig, ModelsFile
+
+logger = logging.getLogger(__name__)
+
+PENDING, LOADING, READY, FAILED = "pending", "loading", "ready", "failed"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+BlockObserver = Callable[[str, str, float], None]  # (model, block, seconds)
+
+
+class ModelNotReady(RuntimeError):
+    """The model is configured but still loading, or failed to load."""
+
+    def __init__(self, name: str, state: str, error: str | None = None) -> None:
+        self.name, self.state, self.error = name, state, error
+        detail = "failed to load" if state == FAILED else "is still loading"
+        super().__init__(f"model {name!r} {detail}")
+
+
+@dataclass
+class LoadedModel:
+    """A ready model: its configuration, what its blocks accept, and its pipelines."""
+
+    config: ModelConfig
+    family: FamilySupport
+    blocks: ModularPipelineBlocks  # the (timed) blocks every pipeline of this model runs
+    base: ModularPipeline
+    default_scheduler: str
+    workflows: tuple[str, ...]
+    input_names: frozenset[str]
+    tree: dict[str, Any]
+    _variants: dict[str, ModularPipeline] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _manager: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        return tuple(self.family.schedulers)
+
+    def accepts(self, input_name: str) -> bool:
+        return input_name in self.input_names
+
+    def pipeline(self, scheduler: str | None = None) -> ModularPipeline:
+        """The pipeline running `scheduler` (None: the checkpoint's), made on first use."""
+        if scheduler is None or scheduler == self.default_scheduler:
+            return self.base
+        if scheduler not in self.family.schedulers:
+            raise ValueError(
+                f"scheduler {scheduler!r} is not one of {', '.join(self.schedulers)} "
+                f"for model {self.name!r}"
+            )
+        with self._lock:
+            pipe = self._variants.get(scheduler)
+            if pipe is None:
+                pipe = self._make_variant(scheduler)
+                self._variants[scheduler] = pipe
+            return pipe
+
+    def _make_variant(self, scheduler: str) -> ModularPipeline:
+        base = self.base
+        pipe = self.blocks.init_pipeline(
+            self.config.path,
+            components_manager=self._manager,
+            collection=f"{self.name}:{scheduler}",
+        )
+        # Weights (from_pretrained components) are shared; weight-free ones stay per pipeline.
+        shared = {
+            name: component
+            for name, component in base.components.items()
+            if component is not None
+            and base.component_specs[name].default_creation_method == "from_pretrained"
+        }
+        pipe.update_components(**shared)
+        # Components loaded later on first use get the model's dtype too.
+        pipe.load_components(names=[], dtype=DTYPES[self.config.dtype])
+        scheduler_class = self.family.scheduler_class(scheduler)
+        pipe.update_components(scheduler=scheduler_class.from_config(base.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        logger.info("model %s: pipeline for scheduler %s ready", self.name, scheduler)
+        return pipe
+
+
+class ModelRegistry:
+    """Loads the configured models (in the background or on demand) and hands them out."""
+
+    def __init__(
+        self,
+        models: ModelsFile,
+        manager: ComponentsManager | None = None,
+        block_observer: BlockObserver | None = None,
+        on_components_loaded: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.models = models
+        self.manager = manager if manager is not None else ComponentsManager()
+        self._block_observer = block_observer
+        self._on_components_loaded = on_components_loaded
+        self._lock = threading.Lock()
+        self._states: dict[str, str] = dict.fromkeys(models.models, PENDING)
+        self._errors: dict[str, str] = {}
+        self._loaded: dict[str, LoadedModel] = {}
+        self._thread: threading.Thread | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models.models)
+
+    @property
+    def default_model(self) -> str:
+        return self.models.default_model
+
+    def config(self, name: str) -> ModelConfig:
+        return self.models.models[name]
+
+    def state(self, name: str) -> str:
+        with self._lock:
+            return self._states[name]
+
+    def states(self) -> dict[str, dict[str, str]]:
+        with self._lock:
+            return {
+                name: {"state": state, **({"error": self._errors[name]} if name in self._errors
+                                          else {})}
+                for name, state in self._states.items()
+            }
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return all(state == READY for state in self._states.values())
+
+    def get(self, name: str) -> LoadedModel:
+        """A ready model; KeyError when not configured, ModelNotReady while not ready."""
+        with self._lock:
+            if name not in self._states:
+                raise KeyError(name)
+            loaded = self._loaded.get(name)
+            if loaded is None:
+                raise ModelNotReady(name, self._states[name], self._errors.get(name))
+            return loaded
+
+    # -- loading -------------------------------------------------------------------------
+
+    def start_loading(self) -> threading.Thread:
+        """Load every model on a background thread (idempotent)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self.load_all, name="blockserve-model-loader", daemon=True
+                )
+                self._thread.start()
+            return self._thread
+
+    def load_all(self) -> None:
+        """Load every model in order; a failure is recorded and the others still load."""
+        for name in self.names:
+            try:
+                self.load(name)
+            except Exception:  # recorded in the model's state; /readyz reports it
+                logger.exception("model %s failed to load", name)
+
+    def load(self, name: str) -> LoadedModel:
+        """Load one model now (no-op when loaded); raises what loading raised."""
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
+            self._states[name] = LOADING
+        try:
+            loaded = self._build(self.models.models[name])
+        except Exception as error:
+            with self._lock:
+                self._states[name] = FAILED
+                self._errors[name] = f"{type(error).__name__}: {error}"
+            raise
+        with self._lock:
+            self._loaded[name] = loaded
+            self._states[name] = READY
+            self._errors.pop(name, None)
+        logger.info("model %s ready: workflows %s", name, ", ".join(loaded.workflows))
+        return loaded
+
+    def _build(self, config: ModelConfig) -> LoadedModel:
+        family = FAMILIES[config.family]
+        if config.family == "demo":
+            from blocks.demo import DemoAutoBlocks
+
+            blocks: ModularPipelineBlocks = DemoAutoBlocks()
+        else:
+            path = ensure_checkpoint(config)
+            blocks = ModularPipeline.from_pretrained(path).blocks
+        tree = block_tree(blocks)
+        if self._block_observer is not None:
+            observer = self._block_observer
+            blocks = with_block_timing(blocks, lambda block, s: observer(config.name, block, s))
+        base = blocks.init_pipeline(
+            config.path, components_manager=self.manager, collection=config.name
+        )
+        base.load_components(dtype=DTYPES[config.dtype], device=config.device)
+        base.set_progress_bar_config(disable=True)
+        specs = base.component_specs
+        loaded_count = sum(
+            1 for n, c in base.components.items()
+            if c is not None and specs[n].default_creation_method == "from_pretrained"
+        )
+        if self._on_components_loaded is not None:
+            self._on_components_loaded(config.name, loaded_count)
+        scheduler = base.components.get("scheduler")
+        default_scheduler = family.scheduler_name_of(scheduler) if scheduler else None
+        return LoadedModel(
+            config=config,
+            family=family,
+            blocks=blocks,
+            base=base,
+            default_scheduler=default_scheduler or "default",
+            workflows=tuple(getattr(blocks, "available_workflows", ()) or ("text2image",)),
+            input_names=frozenset(blocks.input_names),
+            tree=tree,
+            _manager=self.manager,
+        )
+
+
+def ensure_checkpoint(config: ModelConfig) -> str:
+    """The model's checkpoint path, writing a tiny one first where `create_tiny` asks."""
+    assert config.path is not None
+    path = Path(config.path)
+    if config.create_tiny is None or (path.is_dir() and any(path.iterdir())):
+        return config.path
+    logger.info("model %s: writing a tiny %s checkpoint to %s", config.name,
+                config.create_tiny, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed into place, so a crash never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        FAMILIES[config.create_tiny].write_tiny(staging / "checkpoint")
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        try:
+            (staging / "checkpoint").rename(path)
+        except OSError:
+            if not (path.is_dir() and any(path.iterdir())):  # not another process's win
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return config.path

@@ -1,0 +1,69 @@
+"""`GET /v1/models` and `GET /v1/models/{model_id}`: what is served, and how.
+
+The detail view adds the model's workflows, schedulers, sizes, defaults, limits and its block
+tree (every block with its inputs and outputs), read from the loaded pipeline's blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from service.auth import require_api_key
+from service.context import ServiceContext, service_context
+from service.errors import APIError
+from service.registry import READY, ModelNotReady
+from service.routes.images import ERROR_RESPONSES
+from service.schemas import ModelDetail, ModelList
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["models"])
+
+
+def _card(ctx: ServiceContext, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": ctx.created,
+        "owned_by": "blockserve",
+        "family": ctx.registry.config(name).family,
+        "ready": ctx.registry.state(name) == READY,
+    }
+
+
+@router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES,
+            summary="The configured models")
+async def list_models(ctx: ServiceContext = Depends(service_context)) -> Any:  # noqa: B008
+    return {"object": "list", "data": [_card(ctx, name) for name in ctx.registry.names]}
+
+
+@router.get("/models/{model_id}", response_model=ModelDetail, responses=ERROR_RESPONSES,
+            summary="One model: workflows, schedulers, limits and its block tree")
+async def get_model(
+    model_id: str, ctx: ServiceContext = Depends(service_context)  # noqa: B008
+) -> Any:
+    if model_id not in ctx.registry.names:
+        raise APIError(404, f"model '{model_id}' is not served here; available: "
+                       f"{', '.join(ctx.registry.names)}", "model_id", "model_not_found")
+    config = ctx.registry.config(model_id)
+    detail: dict[str, Any] = {
+        **_card(ctx, model_id),
+        "workflows": [],
+        "schedulers": [],
+        "default_scheduler": None,
+        "sizes": list(config.allowed_sizes),
+        "defaults": config.defaults.model_dump(),
+        "limits": config.limits.model_dump(),
+        "blocks": None,
+    }
+    try:
+        loaded = ctx.registry.get(model_id)
+    except ModelNotReady:
+        return detail
+    detail.update(
+        workflows=list(loaded.workflows),
+        schedulers=list(loaded.schedulers),
+        default_scheduler=loaded.default_scheduler,
+        blocks=loaded.tree,
+    )
+    return detail

@@ -1,0 +1,110 @@
+"""The request and response bodies of the images API (OpenAI's, plus a few extensions).
+
+These check what can be checked without knowing the model: types, required fields, global
+bounds (`n` in 1..10, finite numbers, the size's spelling). What a model allows (its sizes,
+steps, prompt length, schedulers, workflows) is checked by `service.validation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 32_000
+MAX_SEED = 2**63 - 1
+
+
+class ImageRequestFields(BaseModel):
+    """Fields shared by generations and edits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="What to draw. Bounded per model by max_prompt_length.")
+    model: str | None = Field(None, max_length=64,
+                              description="A configured model; default: the first one.")
+    n: int | None = Field(None, ge=1, le=10,
+                          description="How many images (1-10, bounded per model by max_n).")
+    size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$",
+                             description="WIDTHxHEIGHT, one of the model's sizes, or auto.")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (default) or url (served from /v1/files/{id} for a while).")
+    user: str | None = Field(None, max_length=256, description="An end-user id, for logs.")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS,
+                                        description="Extension: what to steer away from.")
+    num_inference_steps: int | None = Field(None, ge=1, le=1000,
+                                            description="Extension: denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                         description="Extension: classifier-free guidance.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - 10,
+                             description="Extension: image i uses seed + i; random if absent.")
+    scheduler: str | None = Field(None, max_length=64,
+                                  description="Extension: one of the model's schedulers.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="png (default), jpeg or webp.")
+    output_compression: int | None = Field(None, ge=0, le=100,
+                                           description="jpeg/webp quality, 0-100.")
+
+    @field_validator("n", "num_inference_steps", "guidance_scale", "seed", "output_compression",
+                     "strength", mode="before", check_fields=False)
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any) -> Any:
+        # Lax parsing (needed for multipart, where every field is a string) would read
+        # `true` as 1; a boolean where a number belongs is a client bug worth reporting.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+class ImageGenerationRequest(ImageRequestFields):
+    """`POST /v1/images/generations` (JSON)."""
+
+
+class ImageEditRequest(ImageRequestFields):
+    """`POST /v1/images/edits`: as multipart form (files) or JSON (base64 strings)."""
+
+    image: str = Field(min_length=1, description="The image to edit (base64 or data URL "
+                       "in JSON; a file in multipart).")
+    mask: str | None = Field(None, description="Where to edit: transparent (or white) areas.")
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                   description="Extension: how much to change the image.")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int = Field(description="The seed that reproduces this image (with n=1).")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    model: str
+    size: str
+    output_format: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "blockserve"
+    family: str
+    ready: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ModelDetail(ModelCard):
+    workflows: list[str]
+    schedulers: list[str]
+    default_scheduler: str | None
+    sizes: list[str]
+    defaults: dict
+    limits: dict
+    blocks: dict | None = Field(None, description="The block tree (null until loaded).")

@@ -1,0 +1,97 @@
+"""Process-wide settings of the HTTP service, read from `BLOCKSERVE_*` environment variables.
+
+Everything here is about the process (where to listen, who may call, how much to accept);
+what each model serves and allows lives in the models file (`service.models_file`). Command
+line flags override the environment (`Settings.from_env(port=...)`).
+
+    BLOCKSERVE_HOST              127.0.0.1
+    BLOCKSERVE_PORT              8000
+    BLOCKSERVE_MODELS_FILE       the packaged service/models.yaml (one tiny SD model)
+    BLOCKSERVE_API_KEYS          comma-separated bearer keys; unset or empty = no auth
+    BLOCKSERVE_CACHE_DIR         ~/.cache/blockserve (tiny checkpoints are written here)
+    BLOCKSERVE_MAX_BODY_BYTES    16 MiB; larger request bodies get 413 before being read
+    BLOCKSERVE_FILE_TTL_SECONDS  3600; how long a `response_format=url` image is served
+    BLOCKSERVE_FILE_STORE_BYTES  256 MiB; oldest url images are dropped past this
+    BLOCKSERVE_QUEUE_SIZE        64; requests waiting for the engine before 503
+    BLOCKSERVE_REQUEST_TIMEOUT_SECONDS  300; a generation running longer is cancelled (504)
+    BLOCKSERVE_LOG_LEVEL         info
+
+Not handled here: TLS (put a proxy in front), per-key quotas, rate limits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
+ENV_PREFIX = "BLOCKSERVE_"
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+class Settings(BaseModel):
+    """The service's settings. Each field maps to `BLOCKSERVE_<FIELD NAME IN CAPITALS>`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    models_file: Path = Field(DEFAULT_MODELS_FILE, description="YAML file of served models.")
+    api_keys: tuple[str, ...] = Field(
+        (), description="Bearer keys accepted on /v1/*; empty means no authentication."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/blockserve").expanduser(), description="Where tiny checkpoints go."
+    )
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, le=2**31, description="Largest request body accepted (bytes)."
+    )
+    file_ttl_seconds: float = Field(
+        3600.0, gt=0, le=7 * 24 * 3600, description="How long a url-format image is served."
+    )
+    file_store_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="Memory held for url-format images (bytes)."
+    )
+    queue_size: int = Field(64, ge=1, le=100_000, description="Jobs waiting before 503.")
+    request_timeout_seconds: float = Field(
+        300.0, gt=0, le=24 * 3600, description="Longest a generation may run before 504."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("models_file", "cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `BLOCKSERVE_*` variables, then `overrides` (None values ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and (raw.strip() or name == "api_keys"):
+                values[name] = raw.strip()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                for e in error.errors()
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None

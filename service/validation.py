@@ -1,0 +1,168 @@
+"""Checking a request against the model it names, and turning it into a `GenerationJob`.
+
+The request bodies (`service.schemas`) are already well-formed; here every value is checked
+against what the chosen model allows (models file limits, allowed sizes and size factor, the
+inputs its blocks accept, its workflows and schedulers). Each failure is an `APIError` whose
+message names the field and lists the allowed values or range.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from PIL import Image
+
+from service.errors import APIError
+from service.image_io import as_rgb, mask_for_pipeline, resize_to
+from service.jobs import GenerationJob
+from service.models_file import parse_size
+from service.registry import FAILED, LoadedModel, ModelNotReady, ModelRegistry
+from service.schemas import ImageEditRequest, ImageRequestFields
+
+EDIT_WORKFLOWS = ("image2image", "image_conditioned")  # without a mask, in preference order
+MASK_WORKFLOWS = ("inpaint",)
+
+
+def resolve_model(registry: ModelRegistry, name: str | None) -> str:
+    """The configured model a request names (default: the first); 404 names the others."""
+    if name is None:
+        return registry.default_model
+    if name not in registry.names:
+        raise APIError(404, f"model '{name}' is not served here; available: "
+                       f"{', '.join(registry.names)}", "model", "model_not_found")
+    return name
+
+
+def ready_model(registry: ModelRegistry, name: str) -> LoadedModel:
+    """The loaded model, or 503 (with Retry-After while it loads)."""
+    try:
+        return registry.get(name)
+    except ModelNotReady as error:
+        if error.state == FAILED:
+            raise APIError(503, f"model '{name}' failed to load; see the server log",
+                           "model", "model_unavailable") from None
+        raise APIError(503, f"model '{name}' is still loading; retry shortly", "model",
+                       "model_loading", {"Retry-After": "5"}) from None
+
+
+def _unsupported(model: LoadedModel, field: str, input_name: str) -> APIError:
+    return APIError(400, f"model '{model.name}' does not accept '{field}' (its pipeline has no "
+                    f"'{input_name}' input)", field, "unsupported_parameter")
+
+
+def _size(request: ImageRequestFields, model: LoadedModel,
+          image: Image.Image | None) -> tuple[int, int]:
+    config = model.config
+    allowed = config.allowed_sizes
+    if request.size in (None, "auto"):
+        if image is not None and f"{image.width}x{image.height}" in allowed:
+            return image.width, image.height
+        return parse_size(config.defaults.size)
+    width, height = parse_size(request.size)
+    factor = config.size_factor
+    if width % factor or height % factor:
+        raise APIError(400, f"size '{request.size}': width and height must be multiples of "
+                       f"{factor} for model '{model.name}'; allowed sizes: {', '.join(allowed)}",
+                       "size", "invalid_size")
+    if request.size not in allowed:
+        raise APIError(400, f"size '{request.size}' is not allowed for model '{model.name}'; "
+                       f"allowed sizes: {', '.join(allowed)}", "size", "invalid_size")
+    return width, height
+
+
+def _prompt(request: ImageRequestFields, model: LoadedModel) -> str:
+    prompt = request.prompt
+    if not prompt.strip():
+        raise APIError(400, "'prompt' must not be empty or only whitespace", "prompt",
+                       "invalid_value")
+    limit = model.config.limits.max_prompt_length
+    if len(prompt) > limit:
+        raise APIError(400, f"'prompt' is {len(prompt)} characters; model '{model.name}' "
+                       f"accepts at most {limit}", "prompt", "prompt_too_long")
+    negative = request.negative_prompt
+    if negative is not None and len(negative) > limit:
+        raise APIError(400, f"'negative_prompt' is {len(negative)} characters; model "
+                       f"'{model.name}' accepts at most {limit}", "negative_prompt",
+                       "prompt_too_long")
+    return prompt
+
+
+def build_job(
+    request: ImageRequestFields,
+    model: LoadedModel,
+    workflow: str = "text2image",
+    image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+) -> GenerationJob:
+    """A job for `request` on `model`, or an `APIError` naming the first bad field."""
+    config, limits = model.config, model.config.limits
+    if workflow not in model.workflows:
+        raise APIError(400, f"model '{model.name}' has no {workflow} workflow; available: "
+                       f"{', '.join(model.workflows)}", None, "unsupported_workflow")
+    prompt = _prompt(request, model)
+    n = request.n or 1
+    if n > limits.max_n:
+        raise APIError(400, f"'n' is {n}; model '{model.name}' allows 1 to {limits.max_n}",
+                       "n", "invalid_value")
+    if n > 1 and not model.accepts("num_images_per_prompt"):
+        raise _unsupported(model, "n", "num_images_per_prompt")
+    steps = request.num_inference_steps or config.defaults.steps
+    if steps > limits.max_steps:
+        raise APIError(400, f"'num_inference_steps' is {steps}; model '{model.name}' allows "
+                       f"1 to {limits.max_steps}", "num_inference_steps", "invalid_value")
+    guidance = request.guidance_scale
+    if guidance is not None:
+        if not model.accepts("guidance_scale"):
+            raise _unsupported(model, "guidance_scale", "guidance_scale")
+        if guidance > limits.max_guidance_scale:
+            raise APIError(400, f"'guidance_scale' is {guidance}; model '{model.name}' allows "
+                           f"0 to {limits.max_guidance_scale}", "guidance_scale",
+                           "invalid_value")
+    elif model.accepts("guidance_scale"):
+        guidance = config.defaults.guidance_scale
+    if request.negative_prompt is not None and not model.accepts("negative_prompt"):
+        raise _unsupported(model, "negative_prompt", "negative_prompt")
+    scheduler = request.scheduler or config.defaults.scheduler
+    if scheduler is not None and scheduler not in model.schedulers:
+        raise APIError(400, f"scheduler '{scheduler}' is not available for model "
+                       f"'{model.name}'; available: {', '.join(model.schedulers)}",
+                       "scheduler", "invalid_value")
+    strength = None
+    if isinstance(request, ImageEditRequest) and workflow != "image_conditioned":
+        strength = request.strength if request.strength is not None else config.defaults.strength
+        if strength is not None and not model.accepts("strength"):
+            raise _unsupported(model, "strength", "strength")
+    elif isinstance(request, ImageEditRequest) and request.strength is not None:
+        raise APIError(400, f"'strength' does not apply to model '{model.name}''s "
+                       f"{workflow} workflow", "strength", "unsupported_parameter")
+    if strength is not None and steps * strength < 1:
+        raise APIError(400, f"num_inference_steps ({steps}) x strength ({strength}) must be at "
+                       "least 1, or no denoising step would run", "strength", "invalid_value")
+    width, height = _size(request, model, image)
+    pipeline_image = pipeline_mask = None
+    if image is not None:
+        if mask is not None:
+            pipeline_mask = resize_to(mask_for_pipeline(mask, image.size), width, height,
+                                      Image.NEAREST)
+        pipeline_image = as_rgb(image)
+        if workflow != "image_conditioned":  # a reference image keeps its own size
+            pipeline_image = resize_to(pipeline_image, width, height, Image.LANCZOS)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    return GenerationJob(
+        model=model.name, workflow=workflow, prompt=prompt, n=n, width=width, height=height,
+        steps=steps, seed=seed, negative_prompt=request.negative_prompt,
+        guidance_scale=guidance, scheduler=scheduler if scheduler != model.default_scheduler
+        else None, strength=strength, image=pipeline_image, mask=pipeline_mask,
+    )
+
+
+def edit_workflow(model: LoadedModel, has_mask: bool) -> str:
+    """The workflow an edit runs: inpaint with a mask, else image-to-image or image-conditioned."""
+    candidates = MASK_WORKFLOWS if has_mask else EDIT_WORKFLOWS
+    for workflow in candidates:
+        if workflow in model.workflows:
+            return workflow
+    what = "masked edits (inpaint)" if has_mask else "image edits (image2image, image_conditioned)"
+    raise APIError(400, f"model '{model.name}' does not support {what}; its workflows: "
+                   f"{', '.join(model.workflows)}", "mask" if has_mask else "image",
+                   "unsupported_workflow")

@@ -1,0 +1,210 @@
+"""The app in-process (FastAPI's TestClient, no server): failure paths that a live server can't
+be made to show on demand, plus the registry, file store, block timing and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from blocks.demo import DemoAutoBlocks
+from service.app import create_app
+from service.auth import key_matches
+from service.block_timing import with_block_timing
+from service.engine import EngineBusy
+from service.file_store import FileStore
+from service.models_file import parse_models
+from service.registry import READY, ModelRegistry
+from service.settings import Settings
+
+DEMO = {"models": {"demo": {"family": "demo", "defaults": {"steps": 2, "size": "32x32"}}}}
+GENERATE = {"model": "demo", "prompt": "red", "seed": 1}
+
+
+class StubEngine:
+    """An engine whose futures are decided by the test."""
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.jobs: list = []
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def queued(self) -> int:
+        return 0
+
+    def submit(self, job):
+        self.jobs.append(job)
+        if self.outcome == "busy":
+            raise EngineBusy("64 jobs are already waiting")
+        future: Future = Future()
+        if self.outcome == "crash":
+            future.set_exception(RuntimeError("secret internal detail at /opt/weights"))
+        return future  # "hang": never resolves
+
+
+def make_app(tmp_path: Path, models=DEMO, engine=None, **settings):
+    return create_app(Settings(models_file=tmp_path / "unused.yaml", **settings),
+                      parse_models(models, tmp_path), engine)
+
+
+def wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json()
+        time.sleep(0.05)
+
+
+def test_unexpected_errors_are_a_plain_500_logged_with_the_request_id(tmp_path, caplog):
+    app = make_app(tmp_path, engine=StubEngine("crash"))
+    with TestClient(app, raise_server_exceptions=False) as client, \
+            caplog.at_level(logging.ERROR, logger="blockserve.requests"):
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json=GENERATE)
+    assert response.status_code == 500
+    request_id = response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert error == {"message": f"internal server error; request id {request_id}",
+                     "type": "server_error", "param": None, "code": "internal_error"}
+    assert "secret" not in response.text
+    assert any(request_id in record.getMessage() for record in caplog.records)
+
+
+def test_a_full_queue_is_503_with_retry_after(tmp_path):
+    with TestClient(make_app(tmp_path, engine=StubEngine("busy"))) as client:
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json=GENERATE)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["code"] == "server_busy"
+
+
+def test_a_generation_past_the_timeout_is_cancelled_and_504(tmp_path):
+    engine = StubEngine("hang")
+    app = make_app(tmp_path, engine=engine, request_timeout_seconds=0.3)
+    with TestClient(app) as client:
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json=GENERATE)
+    assert response.status_code == 504
+    assert engine.jobs[0].cancelled.is_set()
+
+
+def test_not_ready_until_loaded(tmp_path):
+    app = make_app(tmp_path)
+    client = TestClient(app)  # not entered: startup (and so loading) has not run
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["models"] == {"demo": {"state": "pending"}}
+    generation = client.post("/v1/images/generations", json=GENERATE)
+    assert generation.status_code == 503
+    assert generation.json()["error"]["code"] == "model_loading"
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/v1/models/demo").json()["blocks"] is None
+
+
+def test_a_model_that_fails_to_load_keeps_readyz_503_and_the_process_up(tmp_path):
+    empty = tmp_path / "empty-checkpoint"
+    empty.mkdir()
+    models = {"models": {**DEMO["models"], "broken": {"family": "sd", "path": str(empty)}}}
+    with TestClient(make_app(tmp_path, models)) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").json()["models"]["broken"]["state"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "model_index.json" in ready.json()["models"]["broken"]["error"]
+        broken = client.post("/v1/images/generations", json={**GENERATE, "model": "broken"})
+        assert broken.status_code == 503
+        assert broken.json()["error"]["code"] == "model_unavailable"
+        assert client.post("/v1/images/generations", json=GENERATE).status_code == 200
+
+
+def test_each_app_has_its_own_metrics(tmp_path):
+    with TestClient(make_app(tmp_path)) as first, TestClient(make_app(tmp_path)) as second:
+        wait_ready(first)
+        assert first.post("/v1/images/generations", json=GENERATE).status_code == 200
+        assert 'blockserve_images_generated_total{model="demo"} 1.0' in first.get("/metrics").text
+        assert "blockserve_images_generated_total{" not in second.get("/metrics").text
+
+
+def test_openapi_documents_the_bodies_with_this_deployments_values(tmp_path):
+    schema = TestClient(make_app(tmp_path)).get("/openapi.json").json()
+    body = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+    assert ["demo"] in [branch.get("enum") for branch in body["model"]["anyOf"]]
+    assert ["32x32", "auto"] in [branch.get("enum") for branch in body["size"]["anyOf"]]
+    edits = schema["paths"]["/v1/images/edits"]["post"]
+    assert set(edits["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert "422" not in edits["responses"] and "400" in edits["responses"]
+
+
+def test_key_matching():
+    assert key_matches("b", ("a", "b"))
+    assert not key_matches("c", ("a", "b"))
+    assert not key_matches("", ("a",))
+
+
+def test_file_store_expires_and_respects_its_budget():
+    now = [0.0]
+    store = FileStore(ttl_seconds=10, max_bytes=10, clock=lambda: now[0])
+    first = store.put(b"12345", "image/png")
+    second = store.put(b"67890", "image/png")
+    assert store.get(first).data == b"12345"
+    third = store.put(b"abc", "image/png")  # over budget: the oldest goes
+    assert store.get(first) is None and store.get(second) is not None
+    now[0] = 11
+    assert store.get(second) is None and store.get(third) is None
+    assert len(first) >= 20  # unguessable
+
+
+def test_block_timing_keeps_the_blocks_identity_and_reports_each_top_level_block():
+    seen: list[tuple[str, float]] = []
+    blocks = with_block_timing(DemoAutoBlocks(), lambda name, s: seen.append((name, s)))
+    assert type(blocks).__name__ == "DemoAutoBlocks"
+    assert blocks.available_workflows == ["text2image", "image2image"]
+    assert "DemoAutoBlocks" in repr(blocks)
+    pipe = blocks.init_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe(prompt="red", num_inference_steps=2, output="images")
+    assert [name for name, _ in seen] == ["text_encoder", "denoise", "decode"]
+    assert all(seconds >= 0 for _, seconds in seen)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory) -> Path:
+    from blocks.flux2.tiny_model import write_tiny_flux2_klein
+
+    return write_tiny_flux2_klein(tmp_path_factory.mktemp("flux") / "tiny-flux")
+
+
+def test_scheduler_pipelines_share_the_weights(tiny_flux, monkeypatch):
+    from service import families
+
+    flux = families.FAMILIES["flux2-klein"]
+    monkeypatch.setitem(families.FAMILIES, "flux2-klein", families.FamilySupport(
+        name=flux.name, size_factor=flux.size_factor, needs_path=True,
+        schedulers={**flux.schedulers, "flow_match_copy": "FlowMatchEulerDiscreteScheduler"},
+    ))
+    models = parse_models({"models": {"flux": {"family": "flux2-klein", "path": str(tiny_flux),
+                                               "defaults": {"size": "32x32"}}}}, tiny_flux)
+    registry = ModelRegistry(models)
+    model = registry.load("flux")
+    assert registry.state("flux") == READY
+    assert model.default_scheduler == "flow_match_euler"
+    assert model.pipeline("flow_match_euler") is model.base
+    weights = registry.manager.bytes_by_device()
+    variant = model.pipeline("flow_match_copy")
+    assert variant is model.pipeline("flow_match_copy")  # made once
+    assert variant is not model.base
+    assert variant.components["transformer"] is model.base.components["transformer"]
+    assert variant.components["scheduler"] is not model.base.components["scheduler"]
+    assert registry.manager.bytes_by_device() == weights  # no second copy of any weight
+    with pytest.raises(ValueError, match="flow_match_euler"):
+        model.pipeline("ddim")

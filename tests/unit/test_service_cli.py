@@ -1,0 +1,78 @@
+"""`blockserve models` and `blockserve generate`, in-process on a demo models file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from service.cli import main
+
+MODELS = """
+models:
+  demo:
+    family: demo
+    defaults: {steps: 2, size: 32x32}
+    sizes: [32x32, 64x64]
+"""
+
+
+@pytest.fixture
+def models_file(tmp_path: Path) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(MODELS)
+    return path
+
+
+def test_models_lists_the_configured_models(models_file, capsys):
+    assert main(["models", "--models", str(models_file)]) == 0
+    out = capsys.readouterr().out
+    assert "demo (default): family demo" in out and "32x32, 64x64" in out
+
+
+def test_generate_writes_the_image_and_is_reproducible(models_file, tmp_path, capsys):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for out in (first, second):
+        assert main(["generate", "a red circle", "-o", str(out), "--models", str(models_file),
+                     "--seed", "3", "--size", "64x64", "--steps", "3"]) == 0
+    assert Image.open(first).size == (64, 64)
+    assert first.read_bytes() == second.read_bytes()
+    assert "seed 3" in capsys.readouterr().out
+
+
+def test_generate_edits_an_image(models_file, tmp_path):
+    source, out = tmp_path / "in.png", tmp_path / "out.webp"
+    Image.new("RGB", (64, 64), "blue").save(source)
+    assert main(["generate", "make it red", "-o", str(out), "--models", str(models_file),
+                 "--image", str(source), "--strength", "0.5"]) == 0
+    assert Image.open(out).format == "WEBP"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--size", "72x64"], "allowed sizes: 32x32, 64x64"),
+        (["--model", "nope"], "available: demo"),
+        (["--mask", "m.png"], "--mask needs --image"),
+        (["--steps", "0"], "must be >= 1"),
+        (["-o", "out.gif"], "must end in .png"),
+    ],
+)
+def test_generate_errors_exit_2_with_a_message(models_file, tmp_path, capsys, args, fragment):
+    argv = ["generate", "red", "--models", str(models_file), *args]
+    if "-o" not in args:
+        argv += ["-o", str(tmp_path / "out.png")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_an_invalid_models_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: {m: {family: sdxl}}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "--models", str(bad)])
+    assert exit_info.value.code == 2
+    assert "models.m.family" in capsys.readouterr().err
