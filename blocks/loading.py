@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,22 @@ class CheckpointIndex:
     component_classes: dict[str, tuple[str, str]] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict)
     is_modular: bool = False
+    revision: str | None = None
+
+    def resolve(self, spec: ComponentSpec) -> ComponentSpec:
+        """A block's spec completed from this checkpoint: by the index entry of the same name;
+        else, for a spec that names a subfolder but no source, by that subfolder of this
+        checkpoint (e.g. a `controlnet/` folder that diffusers' `model_index.json` does not
+        list). A local checkpoint without that subfolder leaves the spec without a source."""
+        found = self.components.get(spec.name)
+        if found is not None:
+            return spec.merged(found)
+        if not spec.subfolder or spec.pretrained_model_name_or_path is not None:
+            return spec
+        if is_local(self.source) and not (Path(self.source).expanduser() / spec.subfolder).is_dir():
+            return spec
+        return replace(spec, pretrained_model_name_or_path=self.source,
+                       revision=spec.revision or self.revision)
 
 
 def is_local(path_or_repo_id: str | os.PathLike) -> bool:
@@ -91,6 +107,7 @@ def _parse_index(
         class_name=raw.get("_class_name"),
         blocks_class_name=raw.get("_blocks_class_name"),
         is_modular=modular,
+        revision=revision,
     )
     for key, value in raw.items():
         if key.startswith("_"):

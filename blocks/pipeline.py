@@ -71,8 +71,7 @@ class ModularPipeline:
         self._component_ids: dict[str, str] = {}  # ids in the components manager, if any
         self._configs: dict[str, Any] = {c.name: c.default for c in blocks.expected_configs}
         for spec in blocks.expected_components:
-            found = index.components.get(spec.name) if index else None
-            self._specs[spec.name] = spec.merged(found) if found else spec
+            self._specs[spec.name] = index.resolve(spec) if index else spec
             self._components[spec.name] = None
         if index is not None:
             self._configs.update(
