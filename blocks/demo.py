@@ -9,7 +9,6 @@ Used by the unit tests and by the `blockserve demo` command; it is not a generat
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -22,6 +21,7 @@ from blocks.composites import (
     SequentialPipelineBlocks,
 )
 from blocks.image_processing import check_output_type, postprocess, to_pixels
+from blocks.randomness import randn
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 
 COLOURS = {
@@ -108,17 +108,12 @@ class DemoPrepareLatentsStep(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         height = block_state.height or components.default_size
         width = block_state.width or components.default_size
-        block_state.latents = noise(block_state.generator, block_state.batch_size, height, width)
+        block_state.latents = randn(
+            (block_state.batch_size, 3, height, width), block_state.generator,
+            torch.device("cpu"), torch.float32,
+        )
         self.set_block_state(state, block_state)
         return components, state
-
-
-def noise(generator: Any, batch_size: int, height: int, width: int) -> torch.Tensor:
-    """(B, 3, H, W) standard normal noise; a list of generators gives one per image, so an
-    image is the same whether it is made alone or in a batch."""
-    if isinstance(generator, list):
-        return torch.cat([torch.randn((1, 3, height, width), generator=g) for g in generator])
-    return torch.randn((batch_size, 3, height, width), generator=generator)
 
 
 class DemoImageLatentsStep(ModularPipelineBlocks):
@@ -135,7 +130,8 @@ class DemoImageLatentsStep(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         image = to_pixels(block_state.image) * 2 - 1  # (1, 3, H, W) in [-1, 1]
         _, _, height, width = image.shape
-        eps = noise(block_state.generator, block_state.batch_size, height, width)
+        eps = randn((block_state.batch_size, 3, height, width), block_state.generator,
+                    image.device, torch.float32)
         block_state.latents = (1 - block_state.strength) * image + block_state.strength * eps
         self.set_block_state(state, block_state)
         return components, state

@@ -75,9 +75,10 @@ def _pixel_array(
 ) -> np.ndarray:
     """One image as an (H, W, C) float32 array in [0, 1]."""
     if isinstance(item, Image.Image):
-        item = item.convert(mode)
+        # Resize in the image's own mode, then convert: diffusers' order, and the results differ.
         if height is not None and width is not None and item.size != (width, height):
             item = item.resize((width, height), resample=resample)
+        item = item.convert(mode)
         array = np.array(item).astype(np.float32) / 255.0
     elif isinstance(item, np.ndarray):
         array = item.astype(np.float32)

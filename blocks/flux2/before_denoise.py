@@ -18,6 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
 from blocks.block import ModularPipelineBlocks
 from blocks.flux2 import latent_layout
+from blocks.randomness import randn
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 
 logger = logging.getLogger(__name__)
@@ -55,29 +56,6 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     slope = (mu_200 - mu_10) / 190.0
     intercept = mu_200 - 200.0 * slope
     return float(slope * num_steps + intercept)
-
-
-def draw_noise(
-    shape: tuple[int, ...],
-    generator: torch.Generator | list[torch.Generator] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Standard normal noise of `shape`, drawn on the generator's device and moved to `device`.
-
-    With a list of generators, image i is drawn alone from generator i, so an image is the
-    same whether it is made alone or in a batch.
-    """
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images; "
-                             "pass one generator, or one per image")
-        one = (1, *shape[1:])
-        return torch.cat([
-            torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generator
-        ]).to(device)
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 class Flux2KleinPrepareLatentsStep(ModularPipelineBlocks):
@@ -122,7 +100,7 @@ class Flux2KleinPrepareLatentsStep(ModularPipelineBlocks):
         height, width = self._latent_size(components, block_state.height, block_state.width)
         channels = components.transformer.config.in_channels
         if block_state.latents is None:
-            noise = draw_noise(
+            noise = randn(
                 (batch_size, channels, height, width), block_state.generator, device, dtype
             )
         else:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from blocks import model_config
+
 # The T coordinate of the i-th reference image is REFERENCE_TIME_SCALE * (i + 1).
 REFERENCE_TIME_SCALE = 10
 
@@ -102,11 +104,6 @@ def denormalise(latents: torch.Tensor, vae: Any) -> torch.Tensor:
 
 
 def vae_scale_factor(components: Any) -> int:
-    """Pixels per VAE latent: 2 ** (levels - 1) of the loaded VAE; 8 (FLUX.2's VAE) while
-    it is not loaded, as diffusers' pipeline assumes, so that sizes can be worked out before
-    the VAE is needed."""
-    vae = getattr(components, "vae", None)
-    if vae is None:
-        return 8
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
+    """Pixels per VAE latent: 2 ** (levels - 1) of the VAE, loaded or read from its config;
+    8 (FLUX.2's VAE) when neither is available, as diffusers' pipeline assumes."""
+    return model_config.vae_scale_factor(components, default=8)

@@ -26,6 +26,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
 from blocks.block import ModularPipelineBlocks
+from blocks.randomness import Generator, randn
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 from blocks.stable_diffusion.encoders import (
     DEFAULT_GUIDANCE_SCALE,
@@ -79,9 +80,6 @@ def vae_scaling_factor(components: Any) -> float:
 # -- randomness --------------------------------------------------------------------------------
 
 
-Generator = torch.Generator | list[torch.Generator] | None
-
-
 def single_generator(generator: Generator, batch_size: int, owner: str) -> Generator:
     """Checks a generator list against the batch; a list of one is that one generator."""
     if isinstance(generator, list):
@@ -91,21 +89,6 @@ def single_generator(generator: Generator, batch_size: int, owner: str) -> Gener
             raise ValueError(f"{owner}: got {len(generator)} generators for a batch of "
                              f"{batch_size} images; pass one generator, or one per image")
     return generator
-
-
-def randn(
-    shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Standard normal noise of `shape` on `device`, drawn as diffusers' `randn_tensor` draws it:
-    on the generator's device (then moved), and with a list of generators one image per
-    generator."""
-    if isinstance(generator, list):
-        one = (1, *shape[1:])
-        return torch.cat([
-            torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generator
-        ]).to(device)
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 def sample_posterior(posterior: torch.Tensor, generator: Generator) -> torch.Tensor:

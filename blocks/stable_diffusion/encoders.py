@@ -15,7 +15,6 @@ means the same image here as in diffusers. Image latents passed in directly are 
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -26,6 +25,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from blocks.block import ModularPipelineBlocks
 from blocks.image_processing import image_list, image_size, to_pixels
+from blocks.model_config import model_config
+from blocks.model_config import vae_scale_factor as shared_vae_scale_factor
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 
 logger = logging.getLogger(__name__)
@@ -40,35 +41,9 @@ DEFAULT_VAE_SCALE_FACTOR = 8
 # -- what the models say -----------------------------------------------------------------------
 
 
-def model_config(components: Any, name: str) -> dict[str, Any] | None:
-    """The config of model `name`: the loaded model's, else its checkpoint's config file, read
-    without loading weights (a pipeline that loads models on first use sizes its latents
-    before the VAE is needed, and a VAE-only process has no UNet), else None."""
-    model = getattr(components, name, None)
-    if model is not None:
-        return dict(model.config)
-    spec = (getattr(components, "component_specs", None) or {}).get(name)
-    if spec is None or spec.pretrained_model_name_or_path is None:
-        return None
-    if not hasattr(spec.type_hint, "load_config"):
-        return None
-    return _read_config(spec.type_hint, spec.pretrained_model_name_or_path, spec.subfolder,
-                        spec.revision)
-
-
-@functools.lru_cache(maxsize=64)
-def _read_config(
-    cls: type, source: str, subfolder: str, revision: str | None
-) -> dict[str, Any]:
-    return dict(cls.load_config(source, subfolder=subfolder or None, revision=revision))
-
-
 def vae_scale_factor(components: Any) -> int:
     """Pixels per latent: 2 ** (levels - 1) of the VAE, else SD's 8."""
-    config = model_config(components, "vae")
-    if config is None:
-        return DEFAULT_VAE_SCALE_FACTOR
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return shared_vae_scale_factor(components, DEFAULT_VAE_SCALE_FACTOR)
 
 
 def default_size(components: Any) -> tuple[int, int]:

@@ -259,8 +259,9 @@ def test_batching_never_changes_an_image(reference, pipe):
 
 
 def test_generator_list_must_match_the_batch(pipe):
-    with pytest.raises(ValueError, match="got 1 generators for a batch of 2 images"):
-        pipe(prompt=PROMPT, num_images_per_prompt=2, generator=[_generator()], **FAST)
+    # a list of one is one generator (as in diffusers); any other length must match
+    with pytest.raises(ValueError, match="got 3 generators for a batch of 2 images"):
+        pipe(prompt=PROMPT, num_images_per_prompt=2, generator=[_generator()] * 3, **FAST)
 
 
 def test_callback_sees_every_step_and_can_cancel(pipe):
