@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="SD checkpoint folder (default: a tiny one)")
     parser.add_argument("--measure", choices=["shared", "independent"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
     if args.measure:
         print(json.dumps(measure(args.measure, args.checkpoint)))
         return
