@@ -2,9 +2,10 @@
 
 It wires one process's pieces together: the models file → a `ModelRegistry` (one shared
 `ComponentsManager`, models loaded on a background thread at startup so `/readyz` can say 503
-until they are), a `SerialEngine` running jobs, per-app Prometheus metrics, the url-image store,
-the routes, error handlers and the request middleware. Nothing is global: two apps in one
-process are independent (tests rely on it).
+until they are), a `BatchingEngine` running jobs (with the test-only fault hooks when
+`test_hooks` is set, never otherwise), per-app Prometheus metrics, the url-image store, the
+`/v1/jobs` store, the routes, error handlers and the request middleware. Nothing is global: two
+apps in one process are independent (tests rely on it).
 """
 
 from __future__ import annotations
@@ -17,23 +18,27 @@ from fastapi import FastAPI
 
 from blocks import ComponentsManager
 from service.context import ServiceContext
-from service.engine import Engine, SerialEngine
+from service.engine import BatchingEngine, Engine
 from service.errors import install_error_handlers
 from service.file_store import FileStore
+from service.job_store import JobStore
 from service.metrics import ServiceMetrics
 from service.middleware import ServiceMiddleware
 from service.models_file import ModelsFile, load_models_file
 from service.openapi import build_openapi
+from service.placement import Placement
 from service.registry import READY, ModelRegistry
 from service.routes import health as health_routes
 from service.routes import images as image_routes
+from service.routes import jobs as job_routes
 from service.routes import models as model_routes
 from service.settings import Settings
 
 DESCRIPTION = (
     "OpenAI-compatible image generation served by blockserve's composable pipeline blocks. "
     "Extensions to OpenAI's fields: negative_prompt, num_inference_steps, guidance_scale, "
-    "seed, scheduler, strength. Errors use OpenAI's shape."
+    "seed, scheduler, strength; background jobs with progress events (/v1/jobs). Errors use "
+    "OpenAI's shape."
 )
 
 
@@ -41,23 +46,41 @@ def create_app(
     settings: Settings | None = None,
     models: ModelsFile | None = None,
     engine: Engine | None = None,
+    placement: Placement | None = None,
 ) -> FastAPI:
     """The app for `settings` (default: from the environment) serving `models` (default: the
-    settings' models file). Models start loading, and the engine starts, with the app."""
+    settings' models file). Models start loading, and the engine starts, with the app.
+    `placement` (Ray mode, `service.ray_placement`) runs heavy blocks elsewhere and brings
+    its own engine."""
     settings = settings if settings is not None else Settings.from_env()
     models = models if models is not None else load_models_file(settings.models_file)
     manager = ComponentsManager()
     metrics = ServiceMetrics(manager)
     registry = ModelRegistry(models, manager, block_observer=metrics.observe_block,
-                             on_components_loaded=metrics.components_loaded)
-    engine = engine if engine is not None else SerialEngine(registry, settings.queue_size)
+                             on_components_loaded=metrics.components_loaded,
+                             blocks_transform=placement.transform_blocks if placement else None)
+    if engine is None and placement is not None:
+        engine = placement.make_engine(registry, settings, metrics)
+    if engine is None:
+        step_hook = None
+        if settings.test_hooks:
+            from service.fault_injection import fault_injection_hook
+
+            step_hook = fault_injection_hook
+        engine = BatchingEngine(
+            registry, queue_size=settings.queue_size, max_batch_size=settings.max_batch_size,
+            batch_window_s=settings.batch_window_ms / 1000, observer=metrics,
+            step_hook=step_hook,
+        )
     context = ServiceContext(
         settings=settings, registry=registry, engine=engine, metrics=metrics,
         files=FileStore(settings.file_ttl_seconds, settings.file_store_bytes),
+        jobs=JobStore(settings.job_ttl_seconds, settings.max_finished_jobs),
         created=int(time.time()),
     )
     metrics.watch(
         queued=lambda: engine.queued,
+        running=lambda: engine.running,
         ready=lambda: sum(s["state"] == READY for s in registry.states().values()),
     )
 
@@ -71,8 +94,10 @@ def create_app(
     app = FastAPI(title="blockserve", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.service = context
+    app.state.placement = placement
     install_error_handlers(app)
     app.include_router(image_routes.router)
+    app.include_router(job_routes.router)
     app.include_router(model_routes.router)
     app.include_router(health_routes.router)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes,

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--ray", action="store_true",
+                       help="distributed mode: start a local Ray cluster (loopback) and serve "
+                            "heavy blocks as Ray Serve deployments")
+    serve.add_argument("--ray-config", type=Path,
+                       help="with --ray: a Serve config (default deployments/serve_config.yaml)")
+    serve.add_argument("--ray-num-cpus", type=float,
+                       help="with --ray: CPUs the local Ray cluster may use (default: all)")
 
     generate = commands.add_parser(
         "generate", help="make one image in this process from a configured model (no server)"
@@ -152,6 +159,16 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     )
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "ray", False):
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            parser.exit(2, "blockserve serve --ray: error: ray is not installed; install the "
+                           "Ray extra: pip install 'blockserve[ray]'\n")
+        from service.ray_placement import serve_ray
+
+        serve_ray(settings, args.ray_config, num_cpus=args.ray_num_cpus)
+        return
     app = create_app(settings, models)
     auth = "on" if settings.api_keys else "off"
     print(f"blockserve: serving {', '.join(models.models)} on "
@@ -174,9 +191,9 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     from pydantic import ValidationError
     from tqdm.auto import tqdm
 
+    from service.batch import run_job
     from service.errors import APIError, validation_error
     from service.image_io import decode_image, encode_image
-    from service.jobs import run_job
     from service.registry import ModelRegistry
     from service.schemas import ImageEditRequest, ImageGenerationRequest
     from service.validation import build_job, edit_workflow, resolve_model
@@ -215,17 +232,28 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     except APIError as error:
         parser.exit(2, f"blockserve generate: error: {error.message}\n")
     with tqdm(total=job.steps, desc=f"{name} {workflow}", unit="step") as bar:
-        def on_step(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        job.on_step = on_step
+        job.listener = _ProgressBar(bar)
         result = run_job(model, job)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(encode_image(result.images[0], output_format))
     print(f"wrote {args.output} ({job.width}x{job.height}, model {name}, seed {job.seed}, "
           f"{result.seconds:.2f}s)")
+
+
+class _ProgressBar:
+    """A job listener drawing a tqdm bar."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def queued(self, position: int) -> None: ...
+
+    def started(self) -> None: ...
+
+    def progress(self, step: int, total: int, previews: Any) -> None:
+        self.bar.total = total
+        self.bar.n = step
+        self.bar.refresh()
 
 
 def _load(registry: Any, name: str, parser: argparse.ArgumentParser) -> Any:

@@ -1,16 +1,18 @@
-"""What the routes of one app share: settings, models, engine, metrics and the file store.
+"""What the routes of one app share: settings, models, engine, metrics, files and jobs.
 
 Stored on `app.state.service` by `create_app`; routes get it with `Depends(service_context)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from service.engine import Engine
 from service.file_store import FileStore
+from service.job_store import JobStore
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -23,7 +25,9 @@ class ServiceContext:
     engine: Engine
     metrics: ServiceMetrics
     files: FileStore
+    jobs: JobStore
     created: int  # when the app was made: the `created` of every model card
+    background: set[asyncio.Task[None]] = field(default_factory=set)  # jobs being tracked
 
 
 def service_context(request: Request) -> ServiceContext:

@@ -1,30 +1,74 @@
-"""Engines run generation jobs; routes only `submit` and await the future.
+"""Engines run generation jobs; routes only `submit`, `cancel`, and await the future.
 
-`Engine` is the interface the HTTP layer depends on. `SerialEngine` runs one job at a time on
-one worker thread, in arrival order, behind a bounded queue (a full queue is `EngineBusy`, which
-the API turns into 503 with Retry-After). A batching engine can replace it behind the same
-interface: jobs carry a `batch_key` and one generator per image, so batching changes no image.
+`Engine` is the interface the HTTP layer depends on (the Ray placement implements it too).
+`BatchingEngine` is the embedded one: a bounded FIFO queue and one worker thread that runs
+batches of compatible jobs, each batch one pipeline call (`service.batch`).
 
-Not handled here: validation (jobs arrive valid), HTTP, priorities.
+- Back-pressure: `submit` never blocks. A full queue raises `QueueFull` (429 with
+  Retry-After, estimated from recent batch times); a stopped engine `EngineStopped` (503).
+- Batching: the worker takes the oldest job, then every queued job with the same
+  `batch_key` (model, workflow, size, steps, guidance, scheduler, strength, negative prompt
+  given or not) in arrival order, up to the model's `max_batch_size` images. When that is not
+  enough and the oldest job arrived less than `batch_window_s` ago, it waits for more until
+  then: an idle server adds at most the window to a request's latency, a busy one nothing
+  (jobs queue up behind the running batch anyway). Incompatible jobs wait their turn; the
+  oldest job always runs next, so nothing starves. A job asking for more images than the cap
+  runs alone. Edits (an input image) always run alone.
+- Failure isolation: jobs are validated before they are queued; if a batched call still
+  fails, each member is retried alone, so only the job that caused it fails.
+- Stopping: `cancel(job)` drops a queued job at once (its slot is free immediately) and stops
+  a running one at its next denoising step without stopping its batch-mates; a job past its
+  deadline (`timeout_seconds` after submission, queue time included) is stopped the same way.
+
+Not handled here: validation, HTTP, priorities, several workers (one model call at a time is
+what one accelerator does well; the Ray placement scales out instead).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import threading
-from concurrent.futures import Future
-from typing import Protocol
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from blocks import GenerationCancelled
-from service.jobs import GenerationJob, GenerationResult, run_job
-from service.registry import ModelRegistry
+from service.batch import StepHook, run_batch
+from service.jobs import CANCELLED, GenerationJob, GenerationResult
+from service.registry import LoadedModel, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
+QUEUED, RUNNING = "queued", "running"  # where a job was when it stopped (a metric label)
+
 
 class EngineBusy(RuntimeError):
-    """The engine's queue is full, or it is shutting down; retry later."""
+    """No job can be queued now; retry in about `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(EngineBusy):
+    """The queue holds as many jobs as it may (HTTP 429)."""
+
+
+class EngineStopped(EngineBusy):
+    """The engine is shutting down (HTTP 503)."""
+
+
+class EngineObserver(Protocol):
+    """What an engine reports (the app's metrics implement it)."""
+
+    def job_started(self, model: str, queue_seconds: float) -> None: ...
+
+    def batch_started(self, model: str, images: int) -> None: ...
+
+    def job_stopped(self, model: str, reason: str, stage: str) -> None:
+        """A job was cancelled or timed out (`reason`) while `stage` (queued or running)."""
 
 
 class Engine(Protocol):
@@ -34,35 +78,83 @@ class Engine(Protocol):
         """Start worker(s); idempotent."""
 
     def stop(self) -> None:
-        """Finish the running job, fail queued ones, stop worker(s)."""
+        """Finish the running batch, fail queued jobs with `EngineStopped`, stop worker(s)."""
 
     def submit(self, job: GenerationJob) -> Future[GenerationResult]:
-        """Queue `job`; the future resolves to its result or the error it raised.
-        Raises `EngineBusy` when no more jobs can be queued."""
+        """Queue `job`; the future resolves to its result or the error it ended with
+        (`GenerationCancelled`, `GenerationTimedOut`, or what the pipeline raised).
+        Raises `EngineBusy` (`QueueFull`, `EngineStopped`) when it can't be queued."""
+
+    def cancel(self, job: GenerationJob, reason: str = CANCELLED) -> bool:
+        """Stop `job`: dropped now if queued, at its next step if running. True if this
+        call stopped it (False: it had already stopped or finished)."""
 
     @property
     def queued(self) -> int:
-        """Jobs waiting to run (not counting the running one)."""
+        """Jobs waiting to run."""
+
+    @property
+    def running(self) -> int:
+        """Jobs in the batch running now."""
 
 
-_STOP = object()
+@dataclass(eq=False)
+class _Entry:
+    job: GenerationJob
+    future: Future[GenerationResult] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
 
 
-class SerialEngine:
-    """One job at a time, in order, on one worker thread."""
+def _resolve(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled by its caller meanwhile: nobody is waiting
+        pass
 
-    def __init__(self, registry: ModelRegistry, queue_size: int = 64) -> None:
+
+class BatchingEngine:
+    """Batches of compatible jobs, one pipeline call each, on one worker thread."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        queue_size: int = 64,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.005,
+        observer: EngineObserver | None = None,
+        step_hook: StepHook | None = None,
+    ) -> None:
         self._registry = registry
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self._observer = observer
+        self._step_hook = step_hook
+        self._cond = threading.Condition()
+        self._pending: list[_Entry] = []  # arrival order
+        self._running: list[_Entry] = []
+        self._stopping = False
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+
+    # -- the interface -------------------------------------------------------------------
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        with self._cond:
+            return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return len(self._running)
 
     def start(self) -> None:
-        with self._lock:
+        with self._cond:
+            self._stopping = False
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._work, name="blockserve-engine", daemon=True
@@ -70,46 +162,186 @@ class SerialEngine:
                 self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        with self._lock:
+        with self._cond:
+            self._stopping = True
+            dropped, self._pending = self._pending, []
             thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._drain(EngineBusy("the server is shutting down"))
-        self._queue.put(_STOP)
-        thread.join(timeout)
+            self._cond.notify_all()
+        for entry in dropped:
+            _resolve(entry.future, error=EngineStopped("the server is shutting down"))
+        if thread is not None:
+            thread.join(timeout)
 
     def submit(self, job: GenerationJob) -> Future[GenerationResult]:
-        future: Future[GenerationResult] = Future()
-        try:
-            self._queue.put_nowait((job, future))
-        except queue.Full:
-            raise EngineBusy(f"{self._queue.maxsize} jobs are already waiting") from None
-        return future
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._pending) >= self.queue_size:
+                raise QueueFull(f"{len(self._pending)} jobs are already waiting",
+                                self._retry_after())
+            entry = _Entry(job)
+            self._pending.append(entry)
+            if job.listener is not None:  # under the lock: `queued` always comes first
+                job.listener.queued(len(self._pending) - 1)
+            self._cond.notify_all()
+        return entry.future
 
-    def _drain(self, error: Exception) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                _job, future = item  # type: ignore[misc]
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(error)
+    def cancel(self, job: GenerationJob, reason: str = CANCELLED) -> bool:
+        stopped = job.cancel(reason)
+        with self._cond:
+            entry = next((e for e in self._pending if e.job is job), None)
+            if entry is not None:
+                self._pending.remove(entry)
+                self._cond.notify_all()
+        if entry is not None:
+            self._stopped(entry, job.stop_error(), QUEUED)
+        return stopped
+
+    def position(self, job: GenerationJob) -> int | None:
+        """How many jobs are ahead of `job` in the queue; None when it is not queued."""
+        with self._cond:
+            for index, entry in enumerate(self._pending):
+                if entry.job is job:
+                    return index
+        return None
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _retry_after(self) -> int:
+        batches_ahead = len(self._pending) / self.max_batch_size + 1
+        return max(1, min(60, math.ceil(self._batch_seconds * batches_ahead)))
+
+    def _cap(self, job: GenerationJob) -> int:
+        try:
+            configured = self._registry.config(job.model).max_batch_size
+        except KeyError:
+            configured = None
+        return configured or self.max_batch_size
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            stopped, batch = self._next_batch()
+            for entry in stopped:
+                self._stopped(entry, entry.job.stop_error(), QUEUED)
+            if batch is None:
                 return
-            job, future = item  # type: ignore[misc]
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled while queued
+            if not batch:
+                continue
             try:
-                if job.cancelled.is_set():
-                    raise GenerationCancelled(-1)
-                result = run_job(self._registry.get(job.model), job)
-            except Exception as error:  # a failed job never stops the worker
-                future.set_exception(error)
+                self._run(batch)
+            except Exception:  # a bug here must not kill the worker: fail the batch
+                logger.exception("engine: running a batch failed unexpectedly")
+                for entry in batch:
+                    _resolve(entry.future, error=RuntimeError("internal engine error"))
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _next_batch(self) -> tuple[list[_Entry], list[_Entry] | None]:
+        """(queued jobs found stopped, to resolve; the next batch, taken off the queue, or
+        [] to look again, or None once stopping)."""
+        with self._cond:
+            while True:
+                expired = self._take_expired()
+                if expired:
+                    return expired, []
+                if self._stopping:
+                    return [], None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                head = self._pending[0]
+                cap = self._cap(head.job)
+                batch, images = [], 0
+                for entry in self._pending:
+                    if entry is head or (entry.job.batch_key == head.job.batch_key
+                                         and images + entry.job.n <= cap):
+                        batch.append(entry)
+                        images += entry.job.n
+                        if images >= cap:
+                            break
+                wait = head.enqueued + self.batch_window_s - time.monotonic()
+                if images >= cap or wait <= 0:
+                    for entry in batch:
+                        self._pending.remove(entry)
+                    self._running = batch
+                    return [], batch
+                self._cond.wait(wait)  # for batch-mates; then look again
+
+    def _take_expired(self) -> list[_Entry]:
+        """Queued jobs stopped without the engine's knowledge, or past their deadline."""
+        now = time.monotonic()
+        expired = [e for e in self._pending if e.job.check_deadline(now)]
+        for entry in expired:
+            self._pending.remove(entry)
+        return expired
+
+    def _sweep_queue(self) -> None:
+        with self._cond:
+            expired = self._take_expired()
+        for entry in expired:
+            self._stopped(entry, entry.job.stop_error(), QUEUED)
+
+    def _on_step(self, jobs: Sequence[GenerationJob], step: int) -> None:
+        # Runs inside the pipeline call, between steps: also time out queued jobs, so a
+        # long batch doesn't hold their deadlines back.
+        self._sweep_queue()
+        if self._step_hook is not None:
+            self._step_hook(jobs, step)
+
+    def _stopped(self, entry: _Entry, error: Exception, stage: str) -> None:
+        if self._observer is not None:
+            self._observer.job_stopped(entry.job.model, entry.job.stop_reason or CANCELLED,
+                                       stage)
+        _resolve(entry.future, error=error)
+
+    def _run(self, batch: list[_Entry]) -> None:
+        now = time.monotonic()
+        live = []
+        for entry in batch:
+            if entry.job.check_deadline(now):
+                self._stopped(entry, entry.job.stop_error(), QUEUED)
+            elif entry.future.set_running_or_notify_cancel():
+                live.append(entry)
+        if not live:
+            return
+        name = live[0].job.model
+        try:
+            model = self._registry.get(name)
+        except Exception as error:  # e.g. not ready: every job of this model fails alike
+            for entry in live:
+                _resolve(entry.future, error=error)
+            return
+        for entry in live:
+            if self._observer is not None:
+                self._observer.job_started(name, now - entry.enqueued)
+            if entry.job.listener is not None:
+                entry.job.listener.started()
+        self._run_members(model, live)
+
+    def _run_members(self, model: LoadedModel, members: list[_Entry]) -> None:
+        jobs = [entry.job for entry in members]
+        if self._observer is not None:
+            self._observer.batch_started(model.name, sum(job.n for job in jobs))
+        start = time.monotonic()
+        try:
+            outcomes = run_batch(model, jobs, self._on_step)
+        except Exception as error:
+            if len(members) == 1:
+                _resolve(members[0].future, error=error)
+                return
+            logger.warning("engine: a batch of %d jobs on model %s failed (%s: %s); running "
+                           "each alone", len(members), model.name, type(error).__name__, error)
+            for entry in members:
+                if entry.job.check_deadline():
+                    self._stopped(entry, entry.job.stop_error(), RUNNING)
+                else:
+                    self._run_members(model, [entry])
+            return
+        finally:
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - start)
+        for entry, outcome in zip(members, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._stopped(entry, outcome, RUNNING)
             else:
-                future.set_result(result)
+                _resolve(entry.future, result=outcome)

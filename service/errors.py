@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class ErrorDetail(BaseModel):
@@ -99,6 +100,16 @@ def validation_error(error: ValidationError, model: type[BaseModel]) -> APIError
     return from_validation_errors(error.errors(), accepted=list(model.model_fields))
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (one route per method, as FastAPI has)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
@@ -108,12 +119,15 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(from_validation_errors(list(exc.errors())))
 
-    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         codes = {404: "not_found", 405: "method_not_allowed"}
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return error_response(APIError(exc.status_code, message, None,
-                                       codes.get(exc.status_code), dict(exc.headers or {})))
+                                       codes.get(exc.status_code), headers))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, request_validation)

@@ -1,8 +1,10 @@
-"""A generation job as the engine sees it, and its result.
+"""A generation job as the engine sees it, its result, and how it reports progress.
 
 Routes and the CLI turn requests into a `GenerationJob` (already validated against the model:
-every value here is one the model accepts); an engine runs it with `run_job`. A job carries its
-own cancellation flag and an optional per-step progress callback. Nothing here knows HTTP.
+every value here is one the model accepts); an engine runs it (`service.batch` runs one or
+several as one pipeline call). A job carries its own stop flag (cancelled by a client, or past
+its deadline), an optional `JobListener` told when it is queued, starts and finishes each
+denoising step (with preview images when `wants_preview` says so). Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -12,15 +14,36 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import torch
 from PIL import Image
 
 from blocks import GenerationCancelled
-from service.registry import LoadedModel
 
-ProgressCallback = Callable[[int, int], None]  # (steps done, steps in total)
+CANCELLED, TIMEOUT = "cancelled", "timeout"  # why a job was stopped
+
+
+class GenerationTimedOut(Exception):
+    """The job was not done by its deadline (queue time included) and was stopped."""
+
+    def __init__(self, seconds: float | None, step: int | None = None) -> None:
+        self.seconds, self.step = seconds, step
+        after = f" after {seconds:g}s" if seconds is not None else ""
+        at = f" at step {step}" if step else " before it started"
+        super().__init__(f"generation timed out{after}{at}")
+
+
+class JobListener(Protocol):
+    """Told what happens to a job. Called on the engine's thread: return quickly."""
+
+    def queued(self, position: int) -> None:
+        """Queued with `position` jobs ahead of it."""
+
+    def started(self) -> None:
+        """Its batch started running."""
+
+    def progress(self, step: int, total: int, previews: list[Image.Image] | None) -> None:
+        """`step` of `total` denoising steps done; `previews`: one per image, when asked."""
 
 
 @dataclass
@@ -41,9 +64,14 @@ class GenerationJob:
     strength: float | None = None
     image: Image.Image | None = None
     mask: Image.Image | None = None  # white = repaint
-    on_step: ProgressCallback | None = None
+    listener: JobListener | None = None
+    # (step, total) -> whether this step's progress should carry preview images.
+    wants_preview: Callable[[int, int], bool] | None = None
+    timeout_seconds: float | None = None  # from submission; None: no deadline
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None  # CANCELLED or TIMEOUT, once stopped
 
     @property
     def seeds(self) -> list[int]:
@@ -51,12 +79,39 @@ class GenerationJob:
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys may run in one batch without changing any image."""
+        """Jobs with equal keys may run in one pipeline call without changing any image:
+        everything the pipeline takes as one value for the whole batch must be equal, and
+        whether a negative prompt is given (a list of them can't say "none" for one member).
+        Edits carry their own image, so each runs alone (its key includes its id)."""
+        alone = self.id if self.image is not None or self.mask is not None else None
         return (self.model, self.workflow, self.width, self.height, self.steps,
-                self.guidance_scale, self.scheduler, self.strength)
+                self.guidance_scale, self.scheduler, self.strength,
+                self.negative_prompt is not None, alone)
 
-    def cancel(self) -> None:
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_seconds is None else self.submitted + self.timeout_seconds
+
+    def cancel(self, reason: str = CANCELLED) -> bool:
+        """Ask the job to stop (at its next step if running). True if this call stopped it."""
+        if self.cancelled.is_set():
+            return False
+        self.stop_reason = reason
         self.cancelled.set()
+        return True
+
+    def check_deadline(self, now: float | None = None) -> bool:
+        """Stop the job if its deadline has passed; True when it is (now) stopped."""
+        deadline = self.deadline
+        if deadline is not None and (time.monotonic() if now is None else now) > deadline:
+            self.cancel(TIMEOUT)
+        return self.cancelled.is_set()
+
+    def stop_error(self, step: int | None = None) -> Exception:
+        """The error a stopped job ends with; `step`: the last step it completed."""
+        if self.stop_reason == TIMEOUT:
+            return GenerationTimedOut(self.timeout_seconds, step)
+        return GenerationCancelled(-1 if step is None else step - 1)
 
 
 @dataclass
@@ -64,44 +119,4 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     seconds: float
-
-
-def pipeline_inputs(job: GenerationJob) -> dict[str, Any]:
-    """The pipeline call's keyword arguments for `job` (None values left out)."""
-    inputs: dict[str, Any] = {
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "num_images_per_prompt": job.n,
-        "num_inference_steps": job.steps,
-        "guidance_scale": job.guidance_scale,
-        "height": job.height,
-        "width": job.width,
-        "strength": job.strength,
-        "image": job.image,
-        "mask_image": job.mask,
-        # One CPU generator per image: image i is the same alone or in any batch, on any device.
-        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
-        "output_type": "pil",
-    }
-    return {name: value for name, value in inputs.items() if value is not None}
-
-
-def run_job(model: LoadedModel, job: GenerationJob) -> GenerationResult:
-    """Run `job` on `model` in this thread; `GenerationCancelled` if it was cancelled."""
-    if job.cancelled.is_set():
-        raise GenerationCancelled(-1)
-    pipe = model.pipeline(job.scheduler)
-    inputs = {k: v for k, v in pipeline_inputs(job).items() if model.accepts(k)}
-
-    def on_step_end(step: int, timestep: Any, block_state: Any) -> bool:
-        if job.on_step is not None:
-            timesteps = block_state.get("timesteps") if hasattr(block_state, "get") else None
-            total = len(timesteps) if timesteps is not None else job.steps
-            job.on_step(step + 1, total)
-        return job.cancelled.is_set()
-
-    start = time.perf_counter()
-    images = pipe(**inputs, output="images", callback_on_step_end=on_step_end)
-    if len(images) != job.n:
-        raise RuntimeError(f"model {job.model!r} returned {len(images)} images, expected {job.n}")
-    return GenerationResult(list(images), job.seeds, time.perf_counter() - start)
+    batch_size: int = 1  # images made by the pipeline call this result came from

@@ -9,7 +9,13 @@
                                                           ComponentsManager's auto offload
     blockserve_component_offloads_total                   moves off the device
     blockserve_component_resident_bytes{device}           bytes of held weights, by device
-    blockserve_queue_jobs                                 jobs waiting for the engine
+    blockserve_queue_depth                                jobs waiting for the engine
+    blockserve_inflight_jobs                              jobs in the batch running now
+    blockserve_queue_wait_seconds{model}                  time from submission to running
+    blockserve_batch_size{model}                          images per pipeline call
+    blockserve_cancellations_total{model,stage}           jobs cancelled (client, DELETE or
+                                                          disconnect) while queued or running
+    blockserve_timeouts_total{model,stage}                jobs stopped at their deadline
     blockserve_models_ready                               models loaded and ready
 
 Labels only ever carry configured model names and known workflows, never request text, so
@@ -29,6 +35,8 @@ from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_WAIT_BUCKETS = (0.001, 0.0025, *_LATENCY_BUCKETS)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
 class _ComponentsCollector(Collector):
@@ -101,8 +109,28 @@ class ServiceMetrics:
             "blockserve_images_generated_total", "Images generated.", ["model"],
             registry=self.registry,
         )
-        self.queue_jobs = Gauge("blockserve_queue_jobs", "Jobs waiting for the engine.",
-                                registry=self.registry)
+        self.queue_depth = Gauge("blockserve_queue_depth", "Jobs waiting for the engine.",
+                                 registry=self.registry)
+        self.inflight_jobs = Gauge("blockserve_inflight_jobs",
+                                   "Jobs in the batch the engine is running.",
+                                   registry=self.registry)
+        self.queue_wait = Histogram(
+            "blockserve_queue_wait_seconds", "Time from submission until a job starts running.",
+            ["model"], buckets=_WAIT_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "blockserve_batch_size", "Images made by one pipeline call.", ["model"],
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.cancellations = Counter(
+            "blockserve_cancellations_total",
+            "Jobs cancelled (by the client, DELETE or a disconnect), by where they were.",
+            ["model", "stage"], registry=self.registry,
+        )
+        self.timeouts = Counter(
+            "blockserve_timeouts_total", "Jobs stopped at their deadline, by where they were.",
+            ["model", "stage"], registry=self.registry,
+        )
         self.models_ready = Gauge("blockserve_models_ready", "Models loaded and ready.",
                                   registry=self.registry)
         self._components = _ComponentsCollector(manager)
@@ -121,9 +149,23 @@ class ServiceMetrics:
         self.requests.labels(model, workflow, str(status)).inc()
         self.request_duration.labels(model, workflow).observe(seconds)
 
-    def watch(self, queued: Callable[[], int], ready: Callable[[], int]) -> None:
-        self.queue_jobs.set_function(queued)
+    def watch(self, queued: Callable[[], int], running: Callable[[], int],
+              ready: Callable[[], int]) -> None:
+        self.queue_depth.set_function(queued)
+        self.inflight_jobs.set_function(running)
         self.models_ready.set_function(ready)
+
+    # The engine's observer (service.engine.EngineObserver) ------------------------------
+
+    def job_started(self, model: str, queue_seconds: float) -> None:
+        self.queue_wait.labels(model).observe(queue_seconds)
+
+    def batch_started(self, model: str, images: int) -> None:
+        self.batch_size.labels(model).observe(images)
+
+    def job_stopped(self, model: str, reason: str, stage: str) -> None:
+        counter = self.timeouts if reason == "timeout" else self.cancellations
+        counter.labels(model, stage).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

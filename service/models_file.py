@@ -13,6 +13,9 @@ by pydantic so a bad file fails at start with every problem named:
         defaults: {steps: 4, guidance_scale: 7.5, size: 64x64}
         sizes: [32x32, 64x64]           # what requests may ask for
         limits: {max_steps: 50, max_n: 4, max_prompt_length: 1000, max_guidance_scale: 20}
+        max_batch_size: 8               # optional: most images per pipeline call for this
+                                        # model (memory; 1 = never batch); default: the
+                                        # BLOCKSERVE_MAX_BATCH_SIZE setting
 
 The first model is the default for requests that name none. Only these models can ever be
 requested: a request never names a path or repo id. In `path`, `${VAR}` and `${VAR:-default}`
@@ -108,6 +111,10 @@ class ModelConfig(BaseModel):
     sizes: tuple[str, ...] = Field((), description="Allowed sizes; empty: only the default.")
     limits: ModelLimits = ModelLimits()
     create_tiny: Literal["sd", "flux2-klein"] | None = None
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256,
+        description="Most images per pipeline call; None: the process setting; 1: no batching.",
+    )
 
     @field_validator("sizes", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.families import FAMILIES
 from service.registry import ModelRegistry
-from service.schemas import ImageEditRequest, ImageGenerationRequest
+from service.schemas import ImageEditRequest, ImageGenerationRequest, JobRequest
 
 _BINARY = {"type": "string", "format": "binary"}
 
@@ -34,7 +34,7 @@ def build_openapi(app: FastAPI, registry: ModelRegistry) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ImageGenerationRequest, ImageEditRequest):
+    for model in (ImageGenerationRequest, ImageEditRequest, JobRequest):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(body.pop("$defs", {}))
         schemas[model.__name__] = body
@@ -47,7 +47,7 @@ def build_openapi(app: FastAPI, registry: ModelRegistry) -> dict[str, Any]:
     configs = [registry.config(name) for name in registry.names]
     sizes = [*sorted({size for c in configs for size in c.allowed_sizes}), "auto"]
     schedulers = sorted({s for c in configs for s in FAMILIES[c.family].schedulers})
-    for name in ("ImageGenerationRequest", "ImageEditRequest", "ImageEditForm"):
+    for name in ("ImageGenerationRequest", "ImageEditRequest", "ImageEditForm", "JobRequest"):
         properties = schemas[name]["properties"]
         _restrict(properties["model"], registry.names)
         _restrict(properties["size"], sizes)

@@ -40,6 +40,7 @@ PENDING, LOADING, READY, FAILED = "pending", "loading", "ready", "failed"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 BlockObserver = Callable[[str, str, float], None]  # (model, block, seconds)
+BlocksTransform = Callable[["ModelConfig", ModularPipelineBlocks], ModularPipelineBlocks]
 
 
 class ModelNotReady(RuntimeError):
@@ -127,8 +128,11 @@ class ModelRegistry:
         manager: ComponentsManager | None = None,
         block_observer: BlockObserver | None = None,
         on_components_loaded: Callable[[str, int], None] | None = None,
+        blocks_transform: BlocksTransform | None = None,
     ) -> None:
         self.models = models
+        # Ray mode: swaps heavy blocks for remote ones before the pipeline is made.
+        self._blocks_transform = blocks_transform
         self.manager = manager if manager is not None else ComponentsManager()
         self._block_observer = block_observer
         self._on_components_loaded = on_components_loaded
@@ -228,6 +232,8 @@ class ModelRegistry:
             path = ensure_checkpoint(config)
             blocks = ModularPipeline.from_pretrained(path).blocks
         tree = block_tree(blocks)
+        if self._blocks_transform is not None:
+            blocks = self._blocks_transform(config, blocks)
         if self._block_observer is not None:
             observer = self._block_observer
             blocks = with_block_timing(blocks, lambda block, s: observer(config.name, block, s))

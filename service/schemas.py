@@ -47,7 +47,7 @@ class ImageRequestFields(BaseModel):
                                            description="jpeg/webp quality, 0-100.")
 
     @field_validator("n", "num_inference_steps", "guidance_scale", "seed", "output_compression",
-                     "strength", mode="before", check_fields=False)
+                     "strength", "partial_images", mode="before", check_fields=False)
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any) -> Any:
         # Lax parsing (needed for multipart, where every field is a string) would read
@@ -57,11 +57,30 @@ class ImageRequestFields(BaseModel):
         return value
 
 
-class ImageGenerationRequest(ImageRequestFields):
+def _no_numbers_for_booleans(value: Any) -> Any:
+    # Lax parsing reads 0 and 1 as booleans; a number where a switch belongs is a client bug.
+    # (Strings stay lax: multipart forms send "true".)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError("must be a boolean, not a number")
+    return value
+
+
+class StreamingFields(BaseModel):
+    """OpenAI's streaming switch, for the routes that answer with server-sent events."""
+
+    stream: bool | None = Field(None, description="Answer with server-sent events: "
+                                "partial images while denoising, then the completed images.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="With stream: how many "
+                                       "partial (preview) images to send per image, 0-3.")
+
+    _switches = field_validator("stream", mode="before")(_no_numbers_for_booleans)
+
+
+class ImageGenerationRequest(StreamingFields, ImageRequestFields):
     """`POST /v1/images/generations` (JSON)."""
 
 
-class ImageEditRequest(ImageRequestFields):
+class ImageEditRequest(StreamingFields, ImageRequestFields):
     """`POST /v1/images/edits`: as multipart form (files) or JSON (base64 strings)."""
 
     image: str = Field(min_length=1, description="The image to edit (base64 or data URL "
@@ -69,6 +88,15 @@ class ImageEditRequest(ImageRequestFields):
     mask: str | None = Field(None, description="Where to edit: transparent (or white) areas.")
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
                                    description="Extension: how much to change the image.")
+
+
+class JobRequest(ImageRequestFields):
+    """`POST /v1/jobs`: a generation's body, run in the background."""
+
+    preview: bool | None = Field(None, description="Send a low-resolution preview image "
+                                 "(base64 PNG, from the latents) with every progress event.")
+
+    _switches = field_validator("preview", mode="before")(_no_numbers_for_booleans)
 
 
 class ImageData(BaseModel):
@@ -108,3 +136,30 @@ class ModelDetail(ModelCard):
     defaults: dict
     limits: dict
     blocks: dict | None = Field(None, description="The block tree (null until loaded).")
+    placement: dict | None = Field(
+        None, description="Ray mode: the deployment and replica count running each heavy "
+                          "block; absent in embedded mode.")
+
+
+class JobError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class JobStatus(BaseModel):
+    """A background job (`/v1/jobs`): where it is, and its result or error once finished."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created: int
+    position: int | None = Field(None, description="While queued: jobs ahead of it.")
+    step: int = Field(description="Denoising steps done.")
+    total_steps: int
+    eta_seconds: float | None = Field(None, description="While running: seconds left at the "
+                                      "pace so far.")
+    result: ImagesResponse | None = Field(None, description="Once succeeded.")
+    error: JobError | None = Field(None, description="Once failed or cancelled.")

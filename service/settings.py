@@ -12,8 +12,17 @@ line flags override the environment (`Settings.from_env(port=...)`).
     BLOCKSERVE_MAX_BODY_BYTES    16 MiB; larger request bodies get 413 before being read
     BLOCKSERVE_FILE_TTL_SECONDS  3600; how long a `response_format=url` image is served
     BLOCKSERVE_FILE_STORE_BYTES  256 MiB; oldest url images are dropped past this
-    BLOCKSERVE_QUEUE_SIZE        64; requests waiting for the engine before 503
-    BLOCKSERVE_REQUEST_TIMEOUT_SECONDS  300; a generation running longer is cancelled (504)
+    BLOCKSERVE_QUEUE_SIZE        64; jobs waiting for the engine before 429 (with Retry-After)
+    BLOCKSERVE_REQUEST_TIMEOUT_SECONDS  300; a job not done this long after it was submitted
+                                 (queue time included) is cancelled: 504, or a failed job
+    BLOCKSERVE_MAX_BATCH_SIZE    8; most images one pipeline call makes (1 = no batching); a
+                                 model's `max_batch_size` in the models file overrides it
+    BLOCKSERVE_BATCH_WINDOW_MS   5; how long an idle engine waits for compatible requests to
+                                 join the first one's batch (0 = never wait)
+    BLOCKSERVE_JOB_TTL_SECONDS   600; how long a finished /v1/jobs job stays readable
+    BLOCKSERVE_MAX_FINISHED_JOBS 256; finished jobs kept at most (the oldest are forgotten)
+    BLOCKSERVE_TEST_HOOKS        false; tests only: prompt markers that fail or slow a job
+                                 inside the pipeline (`service.fault_injection`)
     BLOCKSERVE_LOG_LEVEL         info
 
 Not handled here: TLS (put a proxy in front), per-key quotas, rate limits.
@@ -59,9 +68,26 @@ class Settings(BaseModel):
     file_store_bytes: int = Field(
         256 * 2**20, ge=2**20, description="Memory held for url-format images (bytes)."
     )
-    queue_size: int = Field(64, ge=1, le=100_000, description="Jobs waiting before 503.")
+    queue_size: int = Field(64, ge=1, le=100_000, description="Jobs waiting before 429.")
     request_timeout_seconds: float = Field(
-        300.0, gt=0, le=24 * 3600, description="Longest a generation may run before 504."
+        300.0, gt=0, le=24 * 3600,
+        description="Longest a job may take from submission (queue included) before 504.",
+    )
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Most images per pipeline call; 1 turns batching off."
+    )
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=10_000,
+        description="How long an idle engine waits for compatible requests to batch with.",
+    )
+    job_ttl_seconds: float = Field(
+        600.0, gt=0, le=7 * 24 * 3600, description="How long a finished job stays readable."
+    )
+    max_finished_jobs: int = Field(
+        256, ge=1, le=100_000, description="Finished jobs kept at most (oldest forgotten)."
+    )
+    test_hooks: bool = Field(
+        False, description="Tests only: prompt markers that fail or slow a job in the pipeline."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -2,65 +2,74 @@
 
 Request flow: content type and body → schema (`service.schemas`) → model and workflow →
 checks against the model and a job (`service.validation`) → the engine → encoded images, as
-base64 or as short-lived URLs. Bodies are parsed here rather than by FastAPI so every failure
+base64 or as short-lived URLs — or, with `stream: true`, server-sent events as OpenAI's
+streaming image API sends them. Bodies are parsed here rather than by FastAPI so every failure
 gets a precise message in OpenAI's error shape; their schemas are still in /openapi.json.
+
+A client that goes away (or a request past its timeout) cancels its job: a queued job leaves
+the queue at once, a running one stops at its next denoising step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from blocks import GenerationCancelled
 from service.auth import require_api_key
 from service.context import ServiceContext, service_context
-from service.engine import EngineBusy
-from service.errors import APIError, ErrorResponse, validation_error
-from service.image_io import b64, decode_base64_image, decode_image, encode_image, media_type
-from service.jobs import GenerationJob, GenerationResult
-from service.registry import LoadedModel
-from service.schemas import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    ImageRequestFields,
-    ImagesResponse,
+from service.errors import APIError
+from service.generation import images_response, outcome_error, submit, track
+from service.image_io import b64, decode_base64_image, decode_image, encode_image
+from service.job_store import JobRecord, follow
+from service.jobs import TIMEOUT, GenerationJob, GenerationResult
+from service.previews import scaled_preview
+from service.routes.request_bodies import (
+    ERROR_RESPONSES,
+    JSON,
+    MULTIPART,
+    content_type,
+    file_url,
+    json_body_doc,
+    model_for,
+    parse_body,
+    read_json,
+    unsupported_media,
 )
-from service.validation import build_job, edit_workflow, ready_model, resolve_model
+from service.schemas import ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from service.sse import (
+    KEEPALIVE,
+    KEEPALIVE_SECONDS,
+    MEDIA_TYPE,
+    event_schema,
+    sse_event,
+    sse_response,
+)
+from service.validation import build_job, edit_workflow
 
 logger = logging.getLogger(__name__)
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request: the message names the field and what is allowed.",
-        401: "Missing or invalid API key.",
-        404: "Unknown model or file.",
-        413: "Request body too large.",
-        415: "Unsupported content type.",
-        500: "Unexpected server error (logged with the request id).",
-        503: "Model loading or engine busy; see Retry-After.",
-        504: "Generation took longer than the request timeout.",
-    }.items()
-}
 _POLL_SECONDS = 0.25
-MULTIPART = "multipart/form-data"
-JSON = "application/json"
+# Streaming answers carry no token accounting: blockserve doesn't bill by tokens.
+_NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {"description": "The images; with `stream: true`, server-sent events instead.",
+          "content": {MEDIA_TYPE: {"schema": event_schema([
+              f"{prefix}.{kind}" for prefix in ("image_generation", "image_edit")
+              for kind in ("partial_image", "completed")] + ["error"])}}},
+}
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["images"])
-
-
-def _json_body_doc(schema: str) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
 
 
 def _edit_body_doc() -> dict[str, Any]:
@@ -70,137 +79,145 @@ def _edit_body_doc() -> dict[str, Any]:
     }}}
 
 
-def _content_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-async def _read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise APIError(400, f"request body is not valid JSON: {error}", None,
-                       "invalid_json") from None
-
-
-def _parse(model: type[BaseModel], payload: Any) -> Any:
-    if not isinstance(payload, dict):
-        raise APIError(400, "request body must be a JSON object", None, "invalid_json")
-    try:
-        return model.model_validate(payload)
-    except ValidationError as error:
-        raise validation_error(error, model) from None
-
-
-def _unsupported_media(expected: str) -> APIError:
-    return APIError(415, f"Content-Type must be {expected}", None, "unsupported_media_type")
-
-
-async def _submit_and_wait(ctx: ServiceContext, request: Request,
-                           job: GenerationJob) -> GenerationResult:
-    """Run `job` on the engine; cancel it if the client leaves or it runs past the timeout."""
-    try:
-        future = ctx.engine.submit(job)
-    except EngineBusy as error:
-        raise APIError(503, f"server busy: {error}; retry later", None, "server_busy",
-                       {"Retry-After": "2"}) from None
+async def _wait(ctx: ServiceContext, request: Request, job: GenerationJob) -> GenerationResult:
+    """Run `job` while the client waits; cancel it if the client leaves or time runs out."""
+    future = submit(ctx, job)
     waiting = asyncio.wrap_future(future)
-    deadline = time.monotonic() + ctx.settings.request_timeout_seconds
+    deadline = job.deadline
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=_POLL_SECONDS)
         if done:
             break
-        if time.monotonic() > deadline:
-            job.cancel()  # stops a running job at its next step
-            waiting.cancel()  # and drops a queued one (cancels `future` too)
+        if deadline is not None and time.monotonic() > deadline:
+            # The engine stops the job at its next step; the client hears now, not then.
+            ctx.engine.cancel(job, TIMEOUT)
+            waiting.cancel()  # nobody will read its outcome
             raise APIError(504, f"generation took longer than "
                            f"{ctx.settings.request_timeout_seconds:g}s and was cancelled",
                            None, "timeout")
         if await request.is_disconnected():
-            job.cancel()
+            ctx.engine.cancel(job)  # frees its queue slot now, or stops it at its next step
             waiting.cancel()
             raise APIError(499, "client closed the request", None, "client_closed")
     try:
         return waiting.result()
-    except GenerationCancelled:
-        raise APIError(499, "generation cancelled", None, "cancelled") from None
-    except EngineBusy as error:  # queued when the engine stopped
-        raise APIError(503, f"server busy: {error}; retry later", None, "server_busy",
-                       {"Retry-After": "2"}) from None
-    except ValueError as error:
-        # Blocks reject inputs they can't use with a ValueError naming the block and the valid
-        # values (e.g. a reference image too small): the client's input, so a 400, not a 500.
-        logger.info("request %s: model %s rejected its inputs: %s",
-                    request.state.request_id, job.model, error)
-        raise APIError(400, f"model '{job.model}' rejected the request: {error}", None,
-                       "invalid_input") from None
+    except Exception as error:
+        api_error = outcome_error(error, job)
+        if api_error is None:
+            raise  # the middleware logs it with the request id and answers a plain 500
+        if api_error.code == "invalid_input":
+            logger.info("request %s: model %s rejected its inputs: %s",
+                        request.state.request_id, job.model, error)
+        raise api_error from None
 
 
-async def _respond(ctx: ServiceContext, request: Request, fields: ImageRequestFields,
-                   job: GenerationJob, result: GenerationResult) -> dict[str, Any]:
+async def _respond(ctx: ServiceContext, request: Request,
+                   fields: ImageGenerationRequest | ImageEditRequest,
+                   job: GenerationJob, event_prefix: str) -> Any:
+    """The response to an image request: its images, or (with `stream`) a stream of events."""
+    if fields.stream:
+        return await _stream(ctx, request, fields, job, event_prefix)
+    result = await _wait(ctx, request, job)
+    return await images_response(ctx, fields, job, result, file_url(request),
+                                 request.state.request_id)
+
+
+def partial_steps(total: int, partial_images: int) -> set[int]:
+    """The steps whose previews are sent as partial images: evenly spaced, before the last."""
+    return {math.ceil(total * (i + 1) / (partial_images + 1))
+            for i in range(partial_images)} - {total, 0}
+
+
+async def _stream(ctx: ServiceContext, request: Request,
+                  fields: ImageGenerationRequest | ImageEditRequest, job: GenerationJob,
+                  prefix: str) -> Any:
+    """OpenAI's image streaming: `<prefix>.partial_image` events (latent previews scaled to
+    the output size) at evenly spaced steps, then one `<prefix>.completed` per image; an
+    `error` event if it fails. A client that goes away cancels the job."""
+    if fields.response_format == "url":
+        raise APIError(400, "stream sends images as b64_json; response_format 'url' can't be "
+                       "streamed", "response_format", "unsupported_parameter")
+    partials = fields.partial_images or 0
+    if partials:
+        job.wants_preview = lambda step, total: step in partial_steps(total, partials)
+    record = JobRecord(job)
+    job.listener = record
+    # Subscribed before the job can start, so no partial image is missed.
+    history, queue = record.subscribe(asyncio.get_running_loop())
+    future = submit(ctx, job)  # before the stream opens: a full queue is still a plain 429
+    track(ctx, record, future, fields, file_url(request), request.state.request_id)
     output_format = fields.output_format or "png"
+    common = {"size": f"{job.width}x{job.height}", "quality": "auto", "background": "opaque",
+              "output_format": output_format}
 
-    def encode() -> list[bytes]:
-        return [encode_image(image, output_format, fields.output_compression)
-                for image in result.images]
+    def encode_partials(images: tuple[Image.Image, ...]) -> list[str]:
+        return [b64(encode_image(scaled_preview(image, job.width, job.height), output_format,
+                                 fields.output_compression)) for image in images]
 
-    encoded = await run_in_threadpool(encode)
-    data = []
-    for blob, seed in zip(encoded, result.seeds, strict=True):
-        if (fields.response_format or "b64_json") == "url":
-            file_id = ctx.files.put(blob, media_type(output_format))
-            data.append({"url": str(request.url_for("get_file", file_id=file_id)), "seed": seed})
-        else:
-            data.append({"b64_json": b64(blob), "seed": seed})
-    ctx.metrics.images_generated.labels(job.model).inc(len(result.images))
-    logger.info("request %s: %s %s n=%d %dx%d steps=%d seed=%d in %.2fs (user %s)",
-                request.state.request_id, job.model, job.workflow, job.n, job.width,
-                job.height, job.steps, job.seed, result.seconds, fields.user or "-")
-    return {"created": int(time.time()), "data": data, "model": job.model,
-            "size": f"{job.width}x{job.height}", "output_format": output_format}
+    async def events() -> AsyncIterator[bytes]:
+        sent_partials = 0
+        try:
+            async for event in follow(history, queue, idle_seconds=KEEPALIVE_SECONDS):
+                if event is None:
+                    yield KEEPALIVE
+                elif event.type == "progress" and event.previews and sent_partials < partials:
+                    for index, data in enumerate(await run_in_threadpool(
+                            encode_partials, event.previews)):
+                        yield sse_event(f"{prefix}.partial_image", {
+                            "type": f"{prefix}.partial_image", "b64_json": data,
+                            "created_at": int(time.time()), **common,
+                            "partial_image_index": sent_partials, "image_index": index})
+                    sent_partials += 1
+                elif event.type == "completed":
+                    for index, item in enumerate(event.data["result"]["data"]):
+                        yield sse_event(f"{prefix}.completed", {
+                            "type": f"{prefix}.completed", "b64_json": item["b64_json"],
+                            "created_at": int(time.time()), **common, "usage": _NO_USAGE,
+                            "image_index": index, "seed": item["seed"]})
+                elif event.terminal:  # failed or cancelled
+                    yield sse_event("error", {"type": "error", "error": event.data["error"]})
+        finally:
+            record.unsubscribe(queue)
+            if not record.finished:  # the client went away mid-stream
+                ctx.engine.cancel(job)
 
-
-def _model_for(ctx: ServiceContext, request: Request, name: str | None) -> LoadedModel:
-    model_name = resolve_model(ctx.registry, name)
-    request.state.model = model_name  # a configured name: safe as a metric label
-    return ready_model(ctx.registry, model_name)
+    return sse_response(events())
 
 
 @router.post(
     "/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses=ERROR_RESPONSES,
-    openapi_extra=_json_body_doc("ImageGenerationRequest"),
+    responses=IMAGE_RESPONSES,
+    openapi_extra=json_body_doc("ImageGenerationRequest"),
     summary="Create images from a prompt (OpenAI-compatible)",
 )
 async def create_images(
     request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
     request.state.workflow = "text2image"
-    if _content_type(request) != JSON:
-        raise _unsupported_media(JSON)
-    fields = _parse(ImageGenerationRequest, await _read_json(request))
-    model = _model_for(ctx, request, fields.model)
+    if content_type(request) != JSON:
+        raise unsupported_media(JSON)
+    fields = parse_body(ImageGenerationRequest, await read_json(request))
+    model = model_for(ctx, request, fields.model)
     job = build_job(fields, model, "text2image")
-    result = await _submit_and_wait(ctx, request, job)
-    return await _respond(ctx, request, fields, job, result)
+    return await _respond(ctx, request, fields, job, "image_generation")
 
 
 async def _edit_inputs(
     request: Request,
 ) -> tuple[ImageEditRequest, Image.Image, Image.Image | None]:
     """(the fields, the decoded image, the decoded mask) from a multipart or JSON body."""
-    content_type = _content_type(request)
-    if content_type == JSON:
-        fields = _parse(ImageEditRequest, await _read_json(request))
+    kind = content_type(request)
+    if kind == JSON:
+        fields = parse_body(ImageEditRequest, await read_json(request))
         image = await run_in_threadpool(decode_base64_image, fields.image, "image")
         mask = None
         if fields.mask is not None:
             mask = await run_in_threadpool(decode_base64_image, fields.mask, "mask")
         return fields, image, mask
-    if content_type != MULTIPART:
-        raise _unsupported_media(f"{MULTIPART} (files) or {JSON} (base64)")
+    if kind != MULTIPART:
+        raise unsupported_media(f"{MULTIPART} (files) or {JSON} (base64)")
     max_bytes = request.app.state.service.settings.max_body_bytes
     try:
         form = await request.form(max_files=4, max_fields=64, max_part_size=max_bytes)
@@ -235,14 +252,14 @@ async def _edit_inputs(
     if "image" not in decoded:
         raise APIError(400, "missing required parameter 'image' (a file)", "image",
                        "missing_required_parameter")
-    return _parse(ImageEditRequest, payload), decoded["image"], decoded.get("mask")
+    return parse_body(ImageEditRequest, payload), decoded["image"], decoded.get("mask")
 
 
 @router.post(
     "/images/edits",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses=ERROR_RESPONSES,
+    responses=IMAGE_RESPONSES,
     openapi_extra=_edit_body_doc(),
     summary="Edit an image: image-to-image, inpainting or image-conditioned generation",
 )
@@ -250,12 +267,11 @@ async def edit_images(
     request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
     fields, image, mask = await _edit_inputs(request)
-    model = _model_for(ctx, request, fields.model)
+    model = model_for(ctx, request, fields.model)
     workflow = edit_workflow(model, mask is not None)
     request.state.workflow = workflow
     job = await run_in_threadpool(build_job, fields, model, workflow, image, mask)
-    result = await _submit_and_wait(ctx, request, job)
-    return await _respond(ctx, request, fields, job, result)
+    return await _respond(ctx, request, fields, job, "image_edit")
 
 
 @router.get(

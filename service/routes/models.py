@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from service.auth import require_api_key
 from service.context import ServiceContext, service_context
@@ -40,7 +41,8 @@ async def list_models(ctx: ServiceContext = Depends(service_context)) -> Any:  #
 @router.get("/models/{model_id}", response_model=ModelDetail, responses=ERROR_RESPONSES,
             summary="One model: workflows, schedulers, limits and its block tree")
 async def get_model(
-    model_id: str, ctx: ServiceContext = Depends(service_context)  # noqa: B008
+    model_id: str, request: Request,
+    ctx: ServiceContext = Depends(service_context),  # noqa: B008
 ) -> Any:
     if model_id not in ctx.registry.names:
         raise APIError(404, f"model '{model_id}' is not served here; available: "
@@ -66,4 +68,7 @@ async def get_model(
         default_scheduler=loaded.default_scheduler,
         blocks=loaded.tree,
     )
+    placement = getattr(request.app.state, "placement", None)
+    if placement is not None:  # Ray mode: where its heavy blocks run
+        detail["placement"] = await run_in_threadpool(placement.describe, model_id)
     return detail

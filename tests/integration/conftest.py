@@ -3,7 +3,8 @@ serving a test models file, ready (`/readyz` 200) before any test talks to it, k
 
 The models: the weight-free `demo`, plus a tiny SD and a tiny FLUX.2 klein checkpoint (written
 once, by the first server's `create_tiny`) wherever `blocks` has that family's blocks.
-Two servers per session at most: one with API keys on (most tests), one with auth off.
+Three servers per session at most: one with API keys on (most tests), one with auth off, and
+one for the engine tests (test hooks on, a small queue, long jobs allowed; demo and tiny SD).
 """
 
 from __future__ import annotations
@@ -109,13 +110,32 @@ def _blockserve_command() -> list[str]:
     return [sys.executable, "-m", "service.cli"]
 
 
-def _start(folder: Path, api_key: str | None) -> LiveServer:
+ENGINE_YAML = """
+models:
+  demo:
+    family: demo
+    defaults: {steps: 2, size: 32x32}
+    sizes: [32x32, 64x64]
+    limits: {max_steps: 200, max_n: 4, max_prompt_length: 200}
+"""
+ENGINE_QUEUE_SIZE = 4
+ENGINE_ENV = {
+    "BLOCKSERVE_TEST_HOOKS": "true",  # [[fail]] and [[slow:Nms]] prompt markers
+    "BLOCKSERVE_QUEUE_SIZE": str(ENGINE_QUEUE_SIZE),
+    "BLOCKSERVE_MAX_BATCH_SIZE": "8",
+    "BLOCKSERVE_BATCH_WINDOW_MS": "20",
+}
+
+
+def _start(folder: Path, api_key: str | None, yaml_text: str | None = None,
+           extra_env: dict[str, str] | None = None) -> LiveServer:
     folder.mkdir(parents=True, exist_ok=True)
     models_file = folder / "models.yaml"
-    yaml_text = DEMO_YAML
+    with_flux = yaml_text is None
+    yaml_text = DEMO_YAML if yaml_text is None else yaml_text
     if SERVES_TINY_SD:
         yaml_text += TINY_SD_YAML.format(tiny_sd_path=folder.parent / "tiny-sd")
-    if SERVES_TINY_FLUX:
+    if SERVES_TINY_FLUX and with_flux:
         yaml_text += TINY_FLUX_YAML.format(tiny_flux_path=folder.parent / "tiny-flux")
     models_file.write_text(yaml_text)
     port = _free_port()
@@ -127,6 +147,7 @@ def _start(folder: Path, api_key: str | None) -> LiveServer:
         "BLOCKSERVE_LOG_LEVEL": "warning",
         "OMP_NUM_THREADS": "1",  # two cores, shared with pytest and the other server
         "HF_HUB_OFFLINE": "1",  # tiny checkpoints are local: never reach for a hub
+        **(extra_env or {}),
     }
     log_path = folder / "server.log"
     with log_path.open("wb") as log:
@@ -180,5 +201,13 @@ def server(live_root: Path) -> Iterator[LiveServer]:
 def open_server(live_root: Path, server: LiveServer) -> Iterator[LiveServer]:
     """A second server with auth off (started after the first, so the tiny SD is written)."""
     live = _start(live_root / "auth-off", None)
+    yield live
+    _stop(live)
+
+
+@pytest.fixture(scope="session")
+def engine_server(live_root: Path) -> Iterator[LiveServer]:
+    """Auth off, test hooks on, a queue of `ENGINE_QUEUE_SIZE`, demo jobs of up to 200 steps."""
+    live = _start(live_root / "engine", None, ENGINE_YAML, ENGINE_ENV)
     yield live
     _stop(live)

@@ -15,7 +15,7 @@ from blocks.demo import DemoAutoBlocks
 from service.app import create_app
 from service.auth import key_matches
 from service.block_timing import with_block_timing
-from service.engine import EngineBusy
+from service.engine import QueueFull
 from service.file_store import FileStore
 from service.models_file import parse_models
 from service.registry import READY, ModelRegistry
@@ -36,14 +36,21 @@ class StubEngine:
 
     def stop(self) -> None: ...
 
+    def cancel(self, job, reason="cancelled") -> bool:
+        return job.cancel(reason)
+
     @property
     def queued(self) -> int:
+        return 0
+
+    @property
+    def running(self) -> int:
         return 0
 
     def submit(self, job):
         self.jobs.append(job)
         if self.outcome == "busy":
-            raise EngineBusy("64 jobs are already waiting")
+            raise QueueFull("64 jobs are already waiting", retry_after=7)
         future: Future = Future()
         if self.outcome == "crash":
             future.set_exception(RuntimeError("secret internal detail at /opt/weights"))
@@ -77,13 +84,15 @@ def test_unexpected_errors_are_a_plain_500_logged_with_the_request_id(tmp_path, 
     assert any(request_id in record.getMessage() for record in caplog.records)
 
 
-def test_a_full_queue_is_503_with_retry_after(tmp_path):
+def test_a_full_queue_is_429_with_the_engines_retry_after(tmp_path):
     with TestClient(make_app(tmp_path, engine=StubEngine("busy"))) as client:
         wait_ready(client)
         response = client.post("/v1/images/generations", json=GENERATE)
-    assert response.status_code == 503
-    assert response.headers["retry-after"] == "2"
-    assert response.json()["error"]["code"] == "server_busy"
+        job = client.post("/v1/jobs", json=GENERATE)
+    for answer in (response, job):
+        assert answer.status_code == 429
+        assert answer.headers["retry-after"] == "7"
+        assert answer.json()["error"]["code"] == "queue_full"
 
 
 def test_a_generation_past_the_timeout_is_cancelled_and_504(tmp_path):
@@ -93,7 +102,7 @@ def test_a_generation_past_the_timeout_is_cancelled_and_504(tmp_path):
         wait_ready(client)
         response = client.post("/v1/images/generations", json=GENERATE)
     assert response.status_code == 504
-    assert engine.jobs[0].cancelled.is_set()
+    assert engine.jobs[0].cancelled.is_set() and engine.jobs[0].stop_reason == "timeout"
 
 
 def test_not_ready_until_loaded(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from service.batch import run_job
 from service.errors import APIError, validation_error
 from service.image_io import decode_base64_image, decode_image, mask_for_pipeline
-from service.jobs import run_job
 from service.models_file import parse_models
 from service.registry import LoadedModel, ModelRegistry
 from service.schemas import ImageEditRequest, ImageGenerationRequest

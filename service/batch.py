@@ -1,0 +1,155 @@
+"""Running compatible jobs as one pipeline call, so that no job can tell it had company.
+
+`run_batch(model, jobs)` calls the pipeline once with lists: one prompt (and negative prompt)
+per job, or per image when the jobs ask for different `n`, and one CPU generator per image
+seeded `seed + i` — so every image draws the same noise batched or alone. The images come back
+in job order and are split per job.
+
+Per-job stopping happens in the step callback: a member that is cancelled or past its deadline
+stops receiving progress and gets its stop error, while its batch-mates run on (its rows are
+still computed, then dropped); when every member has stopped, the callback stops the call.
+A pipeline error fails the whole call: the engine, not this module, decides what to retry.
+
+Whether a batched image is *bit*-identical to the same image made alone also depends on the
+model's kernels being batch-invariant. The demo family's are (element-wise ops), so its
+images are byte-identical. Stable Diffusion on CPU is not exactly: MKL's GEMMs and oneDNN's
+convolutions pick code paths by batch size, which moves values by ~1e-6 and flips about one
+8-bit pixel value in 10^4 by one level. A model that must be bit-exact sets
+`max_batch_size: 1` in the models file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from blocks import GenerationCancelled
+from service.jobs import GenerationJob, GenerationResult
+from service.previews import latent_previews
+from service.registry import LoadedModel
+
+# (the jobs of the batch, the 0-based step just finished); may raise to fail the call.
+StepHook = Callable[[Sequence[GenerationJob], int], None]
+
+
+@dataclass
+class _Member:
+    job: GenerationJob
+    offset: int  # its first image's row in the batch
+    error: Exception | None = None  # set when it stopped early
+    last_step: int = 0
+
+
+def batch_inputs(model: LoadedModel, jobs: Sequence[GenerationJob]) -> dict[str, Any]:
+    """The pipeline call's keyword arguments for `jobs` (equal `batch_key`s), None left out."""
+    first = jobs[0]
+    same_n = all(job.n == first.n for job in jobs)
+    # Equal n: one prompt per job, n images each; else one prompt per image, one image each.
+    repeats = [1 if same_n else job.n for job in jobs]
+    prompts = [job.prompt for job, r in zip(jobs, repeats, strict=True) for _ in range(r)]
+    negatives = None
+    if first.negative_prompt is not None:
+        negatives = [job.negative_prompt for job, r in zip(jobs, repeats, strict=True)
+                     for _ in range(r)]
+    inputs: dict[str, Any] = {
+        "prompt": prompts,
+        "negative_prompt": negatives,
+        "num_images_per_prompt": first.n if same_n else 1,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
+        "height": first.height,
+        "width": first.width,
+        "strength": first.strength,
+        "image": first.image,  # edits run alone (see GenerationJob.batch_key)
+        "mask_image": first.mask,
+        # One CPU generator per image: image i is the same alone or in any batch, on any device.
+        "generator": [torch.Generator("cpu").manual_seed(seed)
+                      for job in jobs for seed in job.seeds],
+        "output_type": "pil",
+    }
+    return {name: value for name, value in inputs.items()
+            if value is not None and model.accepts(name)}
+
+
+def run_batch(
+    model: LoadedModel,
+    jobs: Sequence[GenerationJob],
+    step_hook: StepHook | None = None,
+) -> list[GenerationResult | Exception]:
+    """Run `jobs` (equal `batch_key`s) in one pipeline call, in this thread.
+
+    Returns each job's result, or the error it stopped with (cancelled, timed out). Raises
+    what the pipeline raised when the call itself failed."""
+    members, offset = [], 0
+    for job in jobs:
+        members.append(_Member(job, offset))
+        offset += job.n
+    total_images = offset
+    factors = model.family.latent_rgb_factors
+
+    def on_step_end(step: int, _timestep: Any, block_state: Any) -> bool:
+        timesteps = block_state.get("timesteps")
+        total = len(timesteps) if timesteps is not None else jobs[0].steps
+        if step_hook is not None:
+            step_hook(jobs, step)
+        now = time.monotonic()
+        latents = None
+        running = False
+        for member in members:
+            if member.error is not None:
+                continue
+            job = member.job
+            if job.check_deadline(now):
+                member.error = job.stop_error(member.last_step)
+                continue
+            running = True
+            member.last_step = step + 1
+            if job.listener is None:
+                continue
+            previews = None
+            if job.wants_preview is not None and job.wants_preview(step + 1, total):
+                if latents is None:
+                    latents = block_state.get("latents")
+                if isinstance(latents, torch.Tensor) and latents.shape[0] == total_images:
+                    previews = latent_previews(
+                        latents[member.offset : member.offset + job.n], factors)
+            job.listener.progress(step + 1, total, previews)
+        return not running  # True stops the call: every member has stopped
+
+    pipe = model.pipeline(jobs[0].scheduler)
+    start = time.perf_counter()
+    try:
+        images = pipe(**batch_inputs(model, jobs), output="images",
+                      callback_on_step_end=on_step_end)
+    except GenerationCancelled:
+        if all(member.error is not None for member in members):
+            return [member.error for member in members]  # type: ignore[misc]
+        raise
+    seconds = time.perf_counter() - start
+    if len(images) != total_images:
+        raise RuntimeError(f"model {model.name!r} returned {len(images)} images for a batch "
+                           f"of {total_images}")
+    outcomes: list[GenerationResult | Exception] = []
+    for member in members:
+        job = member.job
+        # A job stopped after its last step (while decoding) is done: it keeps its images.
+        if member.error is not None:
+            outcomes.append(member.error)
+        else:
+            own = list(images[member.offset : member.offset + job.n])
+            outcomes.append(GenerationResult(own, job.seeds, seconds, total_images))
+    return outcomes
+
+
+def run_job(model: LoadedModel, job: GenerationJob) -> GenerationResult:
+    """Run one job alone in this thread; raises its error (e.g. `GenerationCancelled`)."""
+    if job.cancelled.is_set():
+        raise job.stop_error()
+    outcome = run_batch(model, [job])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
