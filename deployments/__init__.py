@@ -1,4 +1,6 @@
-"""Ray Serve layer of blockserve (distributed mode). Imports `blocks`, never `service`.
+"""Distributed mode's Ray Serve side: a deployment per heavy block role (`heavy`) and the
+`RemoteBlock` that stands in for a heavy block inside a router's pipeline (`remote_block`).
 
-Nothing is deployed from here yet: the embedded mode in `service` is the only runtime today.
+Imports `blocks` and `ray`, never `service` or anything HTTP; the HTTP ingress that composes
+these is `service.ray_placement`.
 """

@@ -34,3 +34,41 @@ def test_blocks_imports_without_ray_fastapi_prometheus():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "isolated-ok" in result.stdout
+
+
+def test_deployments_import_blocks_and_ray_only():
+    """`deployments` may import `blocks` and `ray`, never `service` or an HTTP stack; and
+    `RemoteBlock` itself needs no ray (it only calls a handle it is given)."""
+    import ast
+    from pathlib import Path
+
+    forbidden = {"service", "fastapi", "starlette", "uvicorn", "httpx", "prometheus_client"}
+    for path in (Path(__file__).resolve().parents[2] / "deployments").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("ray", "fastapi", "service"):
+                    raise ModuleNotFoundError(f"blocked: {name}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import deployments.remote_block
+        print("remote-block-ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "remote-block-ok" in result.stdout
