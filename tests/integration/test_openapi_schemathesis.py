@@ -1,8 +1,11 @@
 """Property-based tests of the live server against its own /openapi.json, with schemathesis.
 
 Bounded (few examples per operation, one worker, a fixed seed) so it runs in seconds and is
-reproducible. Every check runs except `positive_data_acceptance`: a request can be valid for
-the schema yet exceed one model's limits (its max_n, its sizes), and then 400 is right.
+reproducible. Every check runs except two that don't fit this API by design:
+`positive_data_acceptance` (a request can be valid for the schema yet exceed one model's limits,
+its max_n, its sizes, and then 400 is right) and `use_after_free` (`DELETE /v1/jobs/{id}`
+cancels a job; the job stays readable, status `cancelled` with the step it stopped at, until
+it is forgotten like any finished job).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(
     result = subprocess.run(
         [
             _schemathesis(), "run", f"{server.base_url}/openapi.json",
-            "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+            "--checks", "all", "--exclude-checks", "positive_data_acceptance,use_after_free",
             "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--workers", "1",
             "--no-shrink", "--request-timeout", "60", "--output-truncate", "false",
             "--header", f"Authorization: Bearer {API_KEY}",
