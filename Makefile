@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.blockserve-installed
 PROMPT ?= a red circle on a blue background
 
-.PHONY: venv test unit integration lint serve demo clean
+.PHONY: venv test unit integration lint serve demo loadtest clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,18 @@ lint: $(STAMP)
 # BLOCKSERVE_* variables apply (e.g. BLOCKSERVE_PORT, BLOCKSERVE_MODELS_FILE, BLOCKSERVE_API_KEYS).
 serve: $(STAMP)
 	$(VENV)/bin/blockserve serve
+
+# Locust, headless, against a `blockserve serve` it starts on a free loopback port and stops:
+# results in loadtests/results/<timestamp>/ (CSVs + summary.md). MODELS= picks a models file
+# (default: the built-in one); LOADTEST_WEIGHT_{TEXT2IMAGE,EDIT,STREAM} set the request mix.
+DURATION ?= 60
+USERS ?= 6
+SPAWN_RATE ?= 2
+MODELS ?=
+RESULTS ?= loadtests/results
+loadtest: $(STAMP)
+	$(PY) loadtests/run.py --duration $(DURATION) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--results $(RESULTS) $(if $(MODELS),--models $(MODELS))
 
 demo: $(STAMP)
 	$(VENV)/bin/blockserve demo "$(PROMPT)" -o demo.png
