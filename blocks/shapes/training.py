@@ -414,7 +414,7 @@ class ShapesTrainer:
     # -- saving -----------------------------------------------------------------------------
 
     def _save(self, out: pathlib.Path, tokenizer, text_encoder, unet, vae) -> None:
-        import diffusers
+        from blocks.stable_diffusion.tiny_model import write_sd_model_index
 
         text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
         # Real SD checkpoints prefix the text encoder's weights with "text_model." (as
@@ -424,20 +424,7 @@ class ShapesTrainer:
         unet.save_pretrained(out / "unet", safe_serialization=True)
         vae.save_pretrained(out / "vae", safe_serialization=True)
         build_scheduler().save_pretrained(out / "scheduler")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        _write_json(out / "model_index.json", index)
+        write_sd_model_index(out, scheduler_class="DDIMScheduler")
         # How this checkpoint was made, for the record; loaders ignore the file.
         _write_json(
             out / "training.json",

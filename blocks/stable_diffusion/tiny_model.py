@@ -117,7 +117,10 @@ def write_tiny_sd(
         _write_controlnet(out / "controlnet", seed + _SEED_CONTROLNET)
     if depth:
         _write_depth(out / "depth_processor", seed + _SEED_DEPTH)
-    _write_model_index(out, inpaint=inpaint)
+    write_sd_model_index(
+        out,
+        pipeline_class="StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+    )
     return out
 
 
@@ -444,18 +447,24 @@ def _write_scheduler(folder: pathlib.Path) -> None:
     scheduler.save_pretrained(folder)
 
 
-def _write_model_index(out: pathlib.Path, *, inpaint: bool) -> None:
-    """Write model_index.json as diffusers' ``save_pretrained`` would (sorted keys, indent 2)."""
+def write_sd_model_index(
+    out: pathlib.Path,
+    *,
+    pipeline_class: str = "StableDiffusionPipeline",
+    scheduler_class: str = "EulerDiscreteScheduler",
+) -> None:
+    """Write an SD checkpoint's model_index.json as diffusers' ``save_pretrained`` would
+    (sorted keys, indent 2): CLIP text encoder and tokenizer, UNet, VAE, no safety checker."""
     import diffusers
 
     index = {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+        "_class_name": pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
