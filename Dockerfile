@@ -16,6 +16,9 @@ COPY --chown=ray:users blocks/ blocks/
 COPY --chown=ray:users service/ service/
 COPY --chown=ray:users deployments/ deployments/
 RUN pip install --no-cache-dir ".[ray]" "torch==${TORCH_VERSION}"
+# The trained default model (18.7 MB): service/models.yaml names it as ../assets/tiny-shapes-sd,
+# relative to itself, which is /app/assets here as in a checkout.
+COPY --chown=ray:users assets/ assets/
 
 ENV BLOCKSERVE_MODELS_FILE=/app/service/models.yaml \
     BLOCKSERVE_CACHE_DIR=/cache/blockserve \

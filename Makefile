@@ -30,7 +30,8 @@ integration: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The HTTP API on the default models file (a tiny SD model, written on first start);
+# The HTTP API on the default models file (the trained tiny shapes model from assets/, then a
+# random-weight tiny SD model written on first start);
 # BLOCKSERVE_* variables apply (e.g. BLOCKSERVE_PORT, BLOCKSERVE_MODELS_FILE, BLOCKSERVE_API_KEYS).
 serve: $(STAMP)
 	$(VENV)/bin/blockserve serve

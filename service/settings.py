@@ -6,7 +6,8 @@ line flags override the environment (`Settings.from_env(port=...)`).
 
     BLOCKSERVE_HOST              127.0.0.1
     BLOCKSERVE_PORT              8000
-    BLOCKSERVE_MODELS_FILE       the packaged service/models.yaml (one tiny SD model)
+    BLOCKSERVE_MODELS_FILE       the packaged service/models.yaml (the trained shapes model,
+                                 then a random-weight tiny SD model)
     BLOCKSERVE_API_KEYS          comma-separated bearer keys; unset or empty = no auth
     BLOCKSERVE_CACHE_DIR         ~/.cache/blockserve (tiny checkpoints are written here)
     BLOCKSERVE_MAX_BODY_BYTES    16 MiB; larger request bodies get 413 before being read

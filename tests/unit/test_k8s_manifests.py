@@ -206,3 +206,22 @@ def test_the_dockerfile_uses_the_clusters_ray_and_the_makefiles_torch():
     assert re.search(rf"^FROM rayproject/ray:{re.escape(ray_version)}-py\d+-gpu$", dockerfile, re.M)
     (torch_pin,) = set(re.findall(r"torch==([\d.]+)", makefile))
     assert f"TORCH_VERSION={torch_pin}" in dockerfile
+
+
+def test_the_image_holds_the_checkpoints_the_default_models_file_names():
+    # The image serves service/models.yaml from /app/service, laid out as the repo is, so a
+    # committed checkpoint it names by a relative path (assets/tiny-shapes-sd) must be copied
+    # in, and not dropped by .dockerignore.
+    from service.models_file import load_models_file
+    from service.settings import DEFAULT_MODELS_FILE
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    committed = [config for config in load_models_file(DEFAULT_MODELS_FILE).models.values()
+                 if config.create_tiny is None and config.path
+                 and config.path.startswith(str(ROOT))]
+    assert committed, "the default models file names no committed checkpoint"
+    for config in committed:
+        top = config.path.removeprefix(str(ROOT)).strip("/").split("/")[0]
+        assert re.search(rf"^COPY .*\s{top}/ {top}/$", dockerfile, re.M), config.name
+        assert top not in ignored, config.name

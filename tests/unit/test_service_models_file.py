@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from blocks.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from service.models_file import (
     ModelsFileError,
     expand_env,
@@ -24,14 +25,25 @@ def one(**entry: object) -> dict[str, object]:
     return {"models": {"m": entry}}
 
 
-def test_default_models_file_serves_one_tiny_sd_under_the_cache_dir(monkeypatch, tmp_path):
+def test_default_models_file_serves_the_committed_shapes_model_first(monkeypatch, tmp_path):
     monkeypatch.setenv("BLOCKSERVE_CACHE_DIR", str(tmp_path))
     models = load_models_file(DEFAULT_MODELS_FILE)
-    assert list(models.models) == ["tiny-sd"]
-    config = models.models["tiny-sd"]
-    assert (config.family, config.create_tiny) == ("sd", "sd")
-    assert config.path == str(tmp_path / "tiny-sd")
-    assert config.defaults.size in config.allowed_sizes
+    assert list(models.models) == ["tiny-shapes-sd", "tiny-sd"]
+    assert models.default_model == "tiny-shapes-sd"
+    shapes = models.models["tiny-shapes-sd"]
+    # ../assets from service/: the repo's assets/ in a checkout or an editable install.
+    assert shapes.path == str(Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes-sd")
+    assert (Path(shapes.path) / "model_index.json").is_file()
+    assert (shapes.family, shapes.create_tiny) == ("sd", None)
+    # What the checkpoint was trained and evaluated for.
+    assert (shapes.defaults.steps, shapes.defaults.guidance_scale, shapes.defaults.size) == (
+        DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE, "64x64")
+    assert shapes.defaults.scheduler is None  # the checkpoint's own DDIM
+    tiny = models.models["tiny-sd"]
+    assert (tiny.family, tiny.create_tiny) == ("sd", "sd")
+    assert tiny.path == str(tmp_path / "tiny-sd")
+    for config in (shapes, tiny):
+        assert config.defaults.size in config.allowed_sizes
 
 
 def test_default_cache_dir_when_the_variable_is_unset(monkeypatch):
