@@ -7,6 +7,12 @@
     blockserve demo "a red circle" -o out.png      run the built-in demo pipeline
     blockserve tiny-model sd OUT_DIR [--controlnet] [--depth] [--inpaint]
     blockserve tiny-model flux2-klein OUT_DIR [--base]
+    blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
+                        train the tiny shapes SD model on the CPU (47 min at the defaults)
+    blockserve eval-shapes [CHECKPOINT] [--prompts 50] [--steps N] [--guidance-scale G]
+                        [--seed 0] [--grid grid.png] [--per-prompt] [--models FILE]
+                        score prompt adherence; exit 1 below the thresholds
+                        (CHECKPOINT: the models file's default model)
 
 The models file defaults to BLOCKSERVE_MODELS_FILE, else the packaged one (service/models.yaml).
 Argument errors exit with status 2 and a message naming the argument, never a traceback.
@@ -16,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+GRID_IMAGES = 32  # eval-shapes --grid: 4 rows of 8, enough to see every shape and colour
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -35,6 +44,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # `not >=` also catches nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -91,6 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--controlnet", action="store_true", help="sd: add a ControlNet")
     tiny.add_argument("--depth", action="store_true", help="sd: add a depth estimator")
     tiny.add_argument("--inpaint", action="store_true", help="sd: 9-channel inpainting UNet")
+
+    # Defaults left as None are blocks.shapes' own (the committed checkpoint's), so they are
+    # written down once and torch is not imported just to build this parser.
+    train = commands.add_parser(
+        "train-shapes", help="train the tiny shapes Stable Diffusion model on the CPU"
+    )
+    train.add_argument("out_dir", type=Path, help="where to write it (missing or empty)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-steps", type=_positive,
+                       help="stage 1 steps (default: the committed checkpoint's)")
+    train.add_argument("--unet-steps", type=_positive,
+                       help="stage 2 steps (default: the committed checkpoint's)")
+    train.add_argument("--threads", type=_positive, default=1,
+                       help="torch threads; the result depends on it (default 1)")
+
+    evaluate = commands.add_parser(
+        "eval-shapes", help="score a shapes checkpoint's prompt adherence"
+    )
+    evaluate.add_argument("checkpoint", nargs="?", type=Path,
+                          help="checkpoint folder (default: the models file's default model)")
+    evaluate.add_argument("--models", type=Path,
+                          help="models file whose default model is evaluated when no "
+                               "CHECKPOINT is given")
+    evaluate.add_argument("--prompts", type=_positive, default=50,
+                          help="how many prompts, alternately held-out and seen combinations")
+    evaluate.add_argument("--steps", type=_positive, help="default: the trained default (20)")
+    evaluate.add_argument("--guidance-scale", type=_non_negative,
+                          help="default: the trained default (5)")
+    evaluate.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    evaluate.add_argument("--grid", type=Path,
+                          help=f"write the first {GRID_IMAGES} images as a labelled grid (PNG)")
+    evaluate.add_argument("--per-prompt", action="store_true",
+                          help="also print what was read for each prompt")
     return parser
 
 
@@ -133,6 +182,53 @@ def run_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             seed=args.seed,
         )
     print(f"wrote {path}")
+
+
+def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    out = args.out_dir
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        parser.error(f"OUT_DIR {out} must be missing or an empty folder")
+    from blocks.shapes import training
+
+    start = time.perf_counter()
+    path = training.train_shapes(out, seed=args.seed, vae_steps=args.vae_steps,
+                                 unet_steps=args.unet_steps, threads=args.threads)
+    print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)")
+
+
+def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Prints the report; 0 when every metric meets its threshold, else 1."""
+    if args.grid is not None and args.grid.suffix.lower() != ".png":
+        parser.error(f"--grid must end in .png, got {args.grid}")
+    checkpoint = args.checkpoint or _default_checkpoint(args, parser)
+    if not (checkpoint / "model_index.json").is_file():
+        parser.error(f"CHECKPOINT {checkpoint} is not a checkpoint folder (no model_index.json)")
+    from blocks.shapes import evaluation
+
+    try:  # before loading anything, so a bad --prompts fails at once
+        prompts = evaluation.evaluation_combinations(args.prompts)
+    except ValueError as error:
+        parser.error(f"--prompts {args.prompts}: {error}")
+    options = {"steps": args.steps, "guidance_scale": args.guidance_scale}
+    report = evaluation.evaluate_shapes(
+        checkpoint, prompts, seed=args.seed, **{k: v for k, v in options.items() if v is not None}
+    )
+    print(evaluation.format_report(report, per_prompt=args.per_prompt))
+    if args.grid is not None:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        evaluation.render_grid(report.results[:GRID_IMAGES]).save(args.grid, optimize=True)
+        print(f"wrote {args.grid}")
+    return 0 if report.passed else 1
+
+
+def _default_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """The default model's folder: the models file says once where the shapes model lives."""
+    _, models = _settings_and_models(args, parser)
+    config = models.models[models.default_model]
+    if config.family != "sd" or config.path is None:
+        parser.error(f"the default model {config.name!r} is not a Stable Diffusion checkpoint; "
+                     "give CHECKPOINT")
+    return Path(config.path)
 
 
 def _settings_and_models(args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -283,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_generate(args, parser)
     elif args.command == "models":
         run_models(args, parser)
+    elif args.command == "train-shapes":
+        run_train_shapes(args, parser)
+    elif args.command == "eval-shapes":
+        return run_eval_shapes(args, parser)
     return 0
 
 

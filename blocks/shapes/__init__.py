@@ -3,9 +3,10 @@ tiny Stable Diffusion model on it on a CPU, and an image-analysis scorer that me
 generated images show what their prompts ask for.
 
     from blocks.shapes import train_shapes, evaluate_shapes, format_report
-    train_shapes("out/tiny-shapes-sd", seed=0)            # ~40 minutes on one CPU core
+    train_shapes("out/tiny-shapes-sd", seed=0)            # ~47 minutes on one CPU core
     print(format_report(evaluate_shapes("out/tiny-shapes-sd")))
 
+or, from a shell, `blockserve train-shapes OUT_DIR` and `blockserve eval-shapes [CHECKPOINT]`.
 The committed result lives in `assets/tiny-shapes-sd/`. Nothing here is imported by
 `import blocks`.
 """
