@@ -146,7 +146,9 @@ class _OffloadPolicy:
     free_memory_fn: Callable[[], int] | None
 
 
-class _Candidate(NamedTuple):
+class EvictionCandidate(NamedTuple):
+    """An idle resident component that `plan_eviction` may offload; `tick` orders by last use."""
+
     id: str
     bytes: int
     tick: int
@@ -644,11 +646,11 @@ class ComponentsManager:
         shortfall = sum(need.values()) - room
         if shortfall > 0:
             idle = [
-                _Candidate(e.id, _module_bytes(e.component), e.last_used_tick)
+                EvictionCandidate(e.id, _module_bytes(e.component), e.last_used_tick)
                 for e in self._entries.values()
                 if e.resident and e.refcount == 0
             ]
-            plan = _plan_eviction(idle, math.ceil(shortfall))
+            plan = plan_eviction(idle, math.ceil(shortfall))
             if plan is None:
                 raise self._out_of_memory(need, room)
             for entry_id in plan:
@@ -742,7 +744,7 @@ class ComponentsManager:
 # ---------------------------------------------------------------------- eviction choice
 
 
-def _plan_eviction(candidates: list[_Candidate], need: int) -> list[str] | None:
+def plan_eviction(candidates: list[EvictionCandidate], need: int) -> list[str] | None:
     """Ids of the set with the smallest total bytes >= `need`; None if no set is enough.
 
     Among sets of equal total, the one whose most recently used member is least recent wins
@@ -758,13 +760,13 @@ def _plan_eviction(candidates: list[_Candidate], need: int) -> list[str] | None:
     for i in range(len(usable) - 1, -1, -1):
         suffix[i] = suffix[i + 1] + usable[i].bytes
 
-    def key(chosen: list[_Candidate]) -> tuple[int, tuple[int, ...]]:
+    def key(chosen: list[EvictionCandidate]) -> tuple[int, tuple[int, ...]]:
         return sum(c.bytes for c in chosen), tuple(sorted((c.tick for c in chosen), reverse=True))
 
     best = _greedy_lru(usable, need)  # always valid, so the search only has to improve on it
     best_key = key(best)
     nodes = 0
-    chosen: list[_Candidate] = []
+    chosen: list[EvictionCandidate] = []
 
     def search(i: int, total: int) -> None:
         nonlocal best, best_key, nodes
@@ -786,7 +788,7 @@ def _plan_eviction(candidates: list[_Candidate], need: int) -> list[str] | None:
     return [c.id for c in best]
 
 
-def _greedy_lru(usable: list[_Candidate], need: int) -> list[_Candidate]:
+def _greedy_lru(usable: list[EvictionCandidate], need: int) -> list[EvictionCandidate]:
     chosen, total = [], 0
     for candidate in sorted(usable, key=lambda c: c.tick):
         chosen.append(candidate)

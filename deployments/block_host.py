@@ -55,10 +55,14 @@ class _CallComponents:
 class BlockHost:
     """The blocks of one role, for every model, with only their components loaded."""
 
-    def __init__(self, role: str, models: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, role: str, models: dict[str, dict[str, Any]], pool: Any = None) -> None:
+        """`pool`: a `weight_pool.PooledWeights` to build the weights from (Ray mode); None
+        loads them from the checkpoints into this process."""
         self.role = role
+        self.pool = pool
         self.blocks: dict[tuple[str, str], Any] = {}
         self.pipelines: dict[str, ModularPipeline] = {}
+        self.block_components: dict[tuple[str, str], list[str]] = {}
         for model, config in models.items():
             # The whole family's pipeline, so every spec (and so every model's config, e.g.
             # the VAE's scale factor in a Denoiser) is known; only this role's weights load.
@@ -71,12 +75,23 @@ class BlockHost:
             needed = SequentialPipelineBlocks.from_blocks_dict(mine).component_names
             pretrained = [name for name in needed if pipe.component_specs[name]
                           .default_creation_method == "from_pretrained"]
-            pipe.load_components(names=pretrained, dtype=DTYPES[config.get("dtype", "float32")])
-            pipe.to(config.get("device", "cpu"))
+            dtype = config.get("dtype", "float32")
+            # Modules come from the pool; tokenizers and the like are small: loaded here.
+            pooled = [name for name in pretrained if pool is not None
+                      and _is_module_type(pipe.component_specs[name].type_hint)]
+            private = [name for name in pretrained if name not in pooled]
+            if private:
+                pipe.load_components(names=private, dtype=DTYPES[dtype])
+                pipe.to(config.get("device", "cpu"))
+            for name in pooled:
+                module = pool.load(model, config["path"], name, dtype,
+                                   config.get("device", "cpu"))
+                pipe.update_components(**{name: module})
             pipe.set_progress_bar_config(disable=True)
             self.pipelines[model] = pipe
             for name, block in mine.items():
                 self.blocks[(model, name)] = block
+                self.block_components[(model, name)] = block.component_names
             logger.info("%s: model %s ready (%s)", role, model, ", ".join(mine))
 
     def loaded(self) -> dict[str, list[str]]:
@@ -90,7 +105,10 @@ class BlockHost:
             raise ValueError(f"{self.role}: no block {call.block!r} for model {call.model!r}; "
                              f"hosted: {sorted(self.blocks)}")
         components = _CallComponents(self.pipelines[call.model], call.components)
-        return run_call(self.blocks[key], call.block, components, call)
+        if self.pool is None:
+            return run_call(self.blocks[key], call.block, components, call)
+        with self.pool.using(call.model, self.block_components[key]):
+            return run_call(self.blocks[key], call.block, components, call)
 
     def run_many(self, calls: list[BlockCall]) -> list[BlockResult | Exception]:
         """Run `calls`, merging compatible ones; an error fails only its group."""
@@ -139,6 +157,10 @@ class BlockHost:
             gen_offset += count
             outs.append(BlockResult(outputs, states))
         return outs
+
+
+def _is_module_type(type_hint: Any) -> bool:
+    return isinstance(type_hint, type) and issubclass(type_hint, torch.nn.Module)
 
 
 def _scalar_key(value: Any) -> Any:

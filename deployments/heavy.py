@@ -12,8 +12,13 @@ is in `info()`. Options (replicas, CPUs/GPUs, autoscaling, max_ongoing_requests,
 max_queued_requests) come from `deployments/serve_config.yaml`, not from here; the defaults
 below only keep a bare `serve.run` small.
 
-Not handled here: sharing weights between replicas through the object store (the registry of
-DESIGN.md), and per-step progress from inside a remote denoise loop.
+Weights come from the shared pool (`deployments.weight_pool`) unless `weight_pool` says
+`enabled: false`: a replica builds its modules from the node's single object-store copy,
+offloads them after `idle_offload_s` unused or when `memory_budget_bytes` needs the room, and
+reports what it holds to the registry (`info()` shows it too). The `weight_pool` options come
+from the Serve config's `args`, like the batching ones.
+
+Not handled here: per-step progress from inside a remote denoise loop.
 """
 
 from __future__ import annotations
@@ -28,15 +33,24 @@ from ray import serve
 
 from deployments.block_host import BlockHost, batch_key
 from deployments.remote_block import BlockCall, BlockResult
+from deployments.weight_pool import PooledWeights, get_registry
+
+POOL_OPTIONS = frozenset({"enabled", "idle_offload_s", "memory_budget_bytes", "heartbeat_s"})
 
 
 class _RoleDeployment:
     role = ""
 
-    def __init__(self, models: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, models: dict[str, dict[str, Any]],
+                 weight_pool: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(1)  # replicas share a node's cores; one intra-op thread each
-        self.host = BlockHost(self.role, models)
+        self.pool = _pool_client(weight_pool or {})
+        self.host = BlockHost(self.role, models, pool=self.pool)
         self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
 
     async def run(self, call: BlockCall) -> BlockResult:
         return await asyncio.to_thread(self._run_locked, call)
@@ -46,11 +60,33 @@ class _RoleDeployment:
             return self.host.run(call)
 
     def info(self) -> dict[str, Any]:
-        return {"role": self.role, "models": self.host.loaded()}
+        info: dict[str, Any] = {"role": self.role, "models": self.host.loaded()}
+        if self.pool is not None:
+            info["replica"] = self.pool.replica
+            info["weights"] = self.pool.describe()
+        return info
 
     async def ping(self, payload: Any = None) -> Any:
         """Echo: measures the cost of one hop (used by the benchmark)."""
         return payload
+
+
+def _pool_client(options: dict[str, Any]) -> PooledWeights | None:
+    """The replica's `PooledWeights` from the `weight_pool` options (None: disabled)."""
+    unknown = set(options) - POOL_OPTIONS
+    if unknown:
+        raise ValueError(f"weight_pool: unknown option(s) {sorted(unknown)}; "
+                         f"valid: {sorted(POOL_OPTIONS)}")
+    if not options.get("enabled", True):
+        return None
+    heartbeat_s = float(options.get("heartbeat_s", 2.0))
+    idle = options.get("idle_offload_s")
+    budget = options.get("memory_budget_bytes")
+    replica = serve.get_replica_context().replica_id.unique_id
+    return PooledWeights(get_registry(heartbeat_s), replica,
+                         idle_offload_s=None if idle is None else float(idle),
+                         memory_budget_bytes=None if budget is None else int(budget),
+                         heartbeat_s=heartbeat_s)
 
 
 @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.25})
@@ -69,8 +105,9 @@ class Denoiser(_RoleDeployment):
     role = "Denoiser"
 
     def __init__(self, models: dict[str, dict[str, Any]], max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.02) -> None:
-        super().__init__(models)
+                 batch_wait_timeout_s: float = 0.02,
+                 weight_pool: dict[str, Any] | None = None) -> None:
+        super().__init__(models, weight_pool)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -12,6 +12,11 @@ scheduler: it is small, and it is the router's choice), and generators as their 
 advanced state is sent back and set on the local generator — the next block draws the same
 numbers it would have drawn in one process, which keeps images identical.
 
+Failures: a block call is a pure function of what it sends (generator states included), so a
+call whose replica died or became unreachable is sent once more — Serve routes it to a live
+replica. If that fails too, or the deployment's queue is full (`max_queued_requests`), the
+call raises `ReplicaUnavailable`, which the service answers with 503 and `Retry-After`.
+
 Not handled here: which process runs the block (the handle decides), batching (the Denoiser),
 and blocks that call the pipeline's step callback remotely: a remote denoise loop reports no
 per-step progress, and is stopped by cancelling the pending call (`remote_cancel_check`).
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +55,31 @@ remote_cancel_check: contextvars.ContextVar[Callable[[], bool] | None] = context
 )
 
 CANCEL_POLL_S = 0.05
+REPLICA_RETRY_AFTER_S = 5  # about what Serve needs to replace a dead replica
+
+
+class ReplicaUnavailable(RuntimeError):
+    """No replica of `deployment` could run the call now; retry in `retry_after` seconds."""
+
+    def __init__(self, deployment: str | None, reason: str,
+                 retry_after: int = REPLICA_RETRY_AFTER_S) -> None:
+        super().__init__(f"deployment {deployment or 'unknown'} unavailable: {reason}")
+        self.deployment = deployment
+        self.retry_after = retry_after
+
+
+def _replica_failures() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(errors worth one retry: the replica died or is unreachable, errors that mean the
+    deployment is overloaded). Imported late: this module is used without Ray in tests."""
+    try:
+        from ray import exceptions as ray_errors
+        from ray.serve import exceptions as serve_errors
+    except ImportError:  # no Ray: nothing can fail that way
+        return (), ()
+
+    retry = (ray_errors.RayActorError, ray_errors.ActorUnavailableError,
+             serve_errors.DeploymentUnavailableError, serve_errors.ReplicaUnavailableError)
+    return retry, (serve_errors.BackPressureError,)
 
 
 @dataclass
@@ -228,13 +259,30 @@ class RemoteBlock(ModularPipelineBlocks):
         call, generators = pack_call(self.model, self.name, self.block, state,
                                      {k: v for k, v in weightless.items() if v is not None})
         start = time.perf_counter()
-        result = wait_cancellable(self.handle.run.remote(call))
+        result = self._send(call)
         self.last_call_seconds = time.perf_counter() - start
         for generator, new_state in zip(generators, result.generator_states, strict=True):
             generator.set_state(new_state)
         for key, value, kind in result.outputs:
             state.set(key, value, kind)
         return components, state
+
+
+    def _send(self, call: BlockCall) -> BlockResult:
+        retry, overloaded = _replica_failures()
+        for attempt in (1, 2):
+            try:
+                return wait_cancellable(self.handle.run.remote(call))
+            except overloaded as error:
+                wait = getattr(error, "retry_after_s", None)
+                raise ReplicaUnavailable(self.deployment, f"queue full ({error})",
+                                         max(1, math.ceil(wait or 1))) from error
+            except retry as error:
+                if attempt == 2:
+                    raise ReplicaUnavailable(
+                        self.deployment, f"replica failed twice ({type(error).__name__})"
+                    ) from error
+        raise AssertionError("unreachable")
 
 
 def wait_cancellable(response: Any) -> Any:

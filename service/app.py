@@ -61,6 +61,8 @@ def create_app(
                              blocks_transform=placement.transform_blocks if placement else None)
     if engine is None and placement is not None:
         engine = placement.make_engine(registry, settings, metrics)
+    for collector in placement.metric_collectors() if placement is not None else []:
+        metrics.registry.register(collector)
     if engine is None:
         step_hook = None
         if settings.test_hooks:

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from blocks import GenerationCancelled
+from deployments.remote_block import ReplicaUnavailable
 from service.context import ServiceContext
 from service.engine import EngineBusy, QueueFull
 from service.errors import APIError
@@ -59,6 +60,9 @@ def outcome_error(error: BaseException, job: GenerationJob) -> APIError | None:
     if isinstance(error, GenerationCancelled):
         return APIError(499, "generation cancelled", None, "cancelled")
     if isinstance(error, EngineBusy):  # queued when the engine stopped
+        return APIError(503, f"server unavailable: {error}; retry later", None,
+                        "server_busy", {"Retry-After": str(error.retry_after)})
+    if isinstance(error, ReplicaUnavailable):  # Ray mode: a deployment died or is full
         return APIError(503, f"server unavailable: {error}; retry later", None,
                         "server_busy", {"Retry-After": str(error.retry_after)})
     if isinstance(error, ModelNotReady):

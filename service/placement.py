@@ -23,3 +23,6 @@ class Placement(Protocol):
 
     def describe(self, model: str) -> dict[str, Any] | None:
         """Which deployment runs each heavy block of `model`, and its replicas."""
+
+    def metric_collectors(self) -> list[Any]:
+        """Prometheus collectors this placement adds to the app's /metrics."""

@@ -150,10 +150,8 @@ class RayEngine:
         token = remote_cancel_check.set(lambda: job.check_deadline())
         try:
             outcome = run_batch(model, [job])[0]
-        except Exception:
-            if job.cancelled.is_set():
-                error = job.stop_error()
-            _resolve(future, error=error)
+        except Exception as error:
+            _resolve(future, error=job.stop_error() if job.cancelled.is_set() else error)
             return
         finally:
             remote_cancel_check.reset(token)
@@ -186,13 +184,86 @@ class RayPlacement:
                          concurrency=self.concurrency, observer=metrics)
 
     def describe(self, model: str) -> dict[str, Any] | None:
-        """{block: {deployment, replicas}} for the heavy blocks of `model`."""
+        """{block: {deployment, replicas}} for the heavy blocks of `model`, and under
+        "weights" its components in the shared pool (`model_weights`)."""
         if not self._remote.get(model):
             return None
         replicas = deployment_replicas()
-        return {block: {"deployment": HEAVY_ROLES[block],
-                        "replicas": replicas.get(HEAVY_ROLES[block])}
-                for block in self._remote[model]}
+        described: dict[str, Any] = {
+            block: {"deployment": HEAVY_ROLES[block], "replicas": replicas.get(HEAVY_ROLES[block])}
+            for block in self._remote[model]}
+        described["weights"] = model_weights(model, registry_stats())
+        return described
+
+    def metric_collectors(self) -> list[Any]:
+        """Extra Prometheus collectors of this placement: the weight pool's series."""
+        return [WeightPoolCollector()]
+
+
+def model_weights(model: str, stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`model`'s pool entries ({component: entry, bytes, shared_with, nodes, resident per
+    replica}) and the pool's counters; None when the pool is off or unreachable."""
+    if stats is None:
+        return None
+    components = {}
+    for entry in stats["entries"]:
+        mine = [user.split("/", 1)[1] for user in entry["users"] if user.split("/", 1)[0] == model]
+        for component in mine:
+            components[component] = {
+                "entry": entry["entry"], "bytes": entry["bytes"], "nodes": entry["nodes"],
+                "shared_with": [u for u in entry["users"] if u != f"{model}/{component}"],
+                "resident": entry["resident"],
+            }
+    return {"components": components, "pool_bytes_by_node": stats["pool_bytes_by_node"],
+            **{key: stats[key] for key in ("hits", "misses", "loads", "offloads")}}
+
+
+class WeightPoolCollector:
+    """The weight pool's series, read from the registry at scrape time:
+
+        blockserve_pool_bytes{node}                          weight bytes in the object store
+        blockserve_pool_entries                              unique components pooled
+        blockserve_pool_hits_total / _misses_total           acquires served from the pool /
+                                                             needing a load
+        blockserve_pool_loads_total                          loads from storage into the pool
+        blockserve_pool_offloads_total                       components dropped by replicas
+        blockserve_pool_resident_bytes{replica,device,entry} bytes held by each replica
+
+    Counters restart from zero when the registry restarts (Prometheus' rate() handles that).
+    """
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = registry_stats(timeout_s=1.0)
+        if stats is None:
+            return
+        pool = GaugeMetricFamily("blockserve_pool_bytes", "Weight bytes in the object store.",
+                                 labels=["node"])
+        for node, count in sorted(stats["pool_bytes_by_node"].items()):
+            pool.add_metric([node], count)
+        yield pool
+        yield GaugeMetricFamily("blockserve_pool_entries", "Unique components in the pool.",
+                                value=len(stats["entries"]))
+        for name, text in (("hits", "Acquires served from the pool."),
+                           ("misses", "Acquires that needed a load."),
+                           ("loads", "Components loaded from storage into the pool."),
+                           ("offloads", "Pooled components dropped by replicas.")):
+            yield CounterMetricFamily(f"blockserve_pool_{name}", text, value=stats[name])
+        resident = GaugeMetricFamily("blockserve_pool_resident_bytes",
+                                     "Pooled weight bytes held by each replica, by device.",
+                                     labels=["replica", "device", "entry"])
+        for replica, state in stats["replicas"].items():
+            for entry, devices in sorted(state["resident"].items()):
+                for device, count in sorted(devices.items()):
+                    resident.add_metric([replica, device, entry], count)
+        yield resident
+
+
+def registry_stats(timeout_s: float = 2.0) -> dict[str, Any] | None:
+    from deployments.weight_pool import registry_stats as stats
+
+    return stats(timeout_s)
 
 
 def deployment_replicas() -> dict[str, int]:
@@ -247,7 +318,9 @@ def _router_class() -> Any:
 
 def build_app(args: dict[str, Any]) -> Any:
     """The Serve application: `args` may set `models_file`, `concurrency`,
-    `max_batch_size` and `batch_wait_timeout_s` (the Denoiser's `@serve.batch`)."""
+    `max_batch_size` and `batch_wait_timeout_s` (the Denoiser's `@serve.batch`), and
+    `weight_pool` (`deployments.heavy`: enabled, idle_offload_s, memory_budget_bytes,
+    heartbeat_s)."""
     from deployments.heavy import VAE, Denoiser, TextEncoder
 
     settings = Settings.from_env(models_file=args.get("models_file"))
@@ -262,11 +335,13 @@ def build_app(args: dict[str, Any]) -> Any:
         extra = options.get(deployment.name)
         return deployment.options(**extra) if extra else deployment
 
+    pool = args.get("weight_pool") or {}
     denoiser = placed(Denoiser).bind(
         heavy, max_batch_size=int(args.get("max_batch_size", 8)),
-        batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.02)))
+        batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.02)), weight_pool=pool)
     return placed(_router_class()).bind(
-        placed(TextEncoder).bind(heavy), denoiser, placed(VAE).bind(heavy),
+        placed(TextEncoder).bind(heavy, weight_pool=pool), denoiser,
+        placed(VAE).bind(heavy, weight_pool=pool),
         models_file=str(settings.models_file), concurrency=int(args.get("concurrency", 16)),
     )
 
@@ -308,6 +383,9 @@ def serve_ray(settings: Settings, config_path: Path | None = None,
         try:
             serve.shutdown()
         finally:
+            from deployments.weight_pool import shutdown_registry
+
+            shutdown_registry()
             ray.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

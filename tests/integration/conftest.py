@@ -9,6 +9,7 @@ one for the engine tests (test hooks on, a small queue, long jobs allowed; demo 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -101,6 +102,34 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_serve_app(args: dict) -> Iterator[str]:
+    """`service.ray_placement.build_app(args)` on a fresh 2-CPU local Ray cluster (loopback),
+    ready; yields its URL. Serve, the weight pool's registry and the cluster stop after."""
+    import ray
+    from ray import serve
+
+    from deployments.weight_pool import shutdown_registry
+    from service.ray_placement import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="blockserve", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the Ray router never became ready"
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        shutdown_registry()
+        ray.shutdown()
 
 
 def _blockserve_command() -> list[str]:

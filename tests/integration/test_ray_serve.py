@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ httpx = pytest.importorskip("httpx")
 
 from blocks import ModularPipeline  # noqa: E402
 from deployments.remote_block import remote_pipeline_blocks  # noqa: E402
+from tests.integration.conftest import local_serve_app  # noqa: E402
 
 MODEL = "tiny-sd"
 MODELS_YAML = """
@@ -39,38 +39,17 @@ models:
 ROLES = ("TextEncoder", "Denoiser", "VAE")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory: pytest.TempPathFactory):
-    from service.ray_placement import build_app
-
     folder = tmp_path_factory.mktemp("ray")
     models_file = folder / "models.yaml"
     models_file.write_text(MODELS_YAML.format(path=folder / "tiny-sd"))
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"models_file": str(models_file), "batch_wait_timeout_s": 0.05}),
-                  name="blockserve", route_prefix="/")
-        base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{base_url}/readyz", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the Ray router never became ready"
-            time.sleep(0.5)
+    args = {"models_file": str(models_file), "batch_wait_timeout_s": 0.05}
+    with local_serve_app(args) as base_url:
         handles = {role: serve.get_deployment_handle(role, app_name="blockserve")
                    for role in ROLES}
         yield {"url": base_url, "handles": handles, "path": str(folder / "tiny-sd"),
                "models_file": models_file}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _pipelines(ray_app) -> tuple[ModularPipeline, ModularPipeline]:

@@ -21,9 +21,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from blocks.components_manager import (
     ComponentOutOfMemoryError,
     ComponentsManager,
+    EvictionCandidate,
     OffloadRecord,
-    _Candidate,
-    _plan_eviction,
+    plan_eviction,
 )
 
 # ---------------------------------------------------------------------- tiny real components
@@ -309,12 +309,13 @@ def test_equal_sized_choices_go_to_the_least_recently_used() -> None:
 
 
 def test_eviction_plan_is_minimal_not_greedy() -> None:
-    candidates = [_Candidate("big", 500, 0), _Candidate("x", 260, 1), _Candidate("y", 250, 2)]
-    assert _plan_eviction(candidates, 480) == ["big"]  # LRU greedy would take "big" anyway
-    assert _plan_eviction(candidates, 510) == ["x", "y"]  # 510 < 760, and beats big + y
-    assert _plan_eviction(candidates, 250) == ["y"]
-    assert _plan_eviction(candidates, 1011) is None
-    assert _plan_eviction(candidates, 0) == []
+    candidates = [EvictionCandidate("big", 500, 0), EvictionCandidate("x", 260, 1),
+                  EvictionCandidate("y", 250, 2)]
+    assert plan_eviction(candidates, 480) == ["big"]  # LRU greedy would take "big" anyway
+    assert plan_eviction(candidates, 510) == ["x", "y"]  # 510 < 760, and beats big + y
+    assert plan_eviction(candidates, 250) == ["y"]
+    assert plan_eviction(candidates, 1011) is None
+    assert plan_eviction(candidates, 0) == []
 
 
 def test_a_module_in_use_is_never_evicted() -> None:

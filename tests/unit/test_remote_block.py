@@ -17,6 +17,7 @@ from blocks.stable_diffusion.tiny_model import write_tiny_sd
 from deployments.block_host import BlockHost, batch_key
 from deployments.remote_block import (
     RemoteBlock,
+    ReplicaUnavailable,
     remote_cancel_check,
     remote_pipeline_blocks,
     wait_cancellable,
@@ -151,3 +152,71 @@ def test_wait_cancellable_cancels_the_pending_call():
     finally:
         remote_cancel_check.reset(token)
     assert pending.cancelled
+
+
+class _Failing:
+    """`handle.run`: raises the next of `errors` per call, then runs `host.run`."""
+
+    def __init__(self, host: BlockHost, errors: list[BaseException]):
+        self.host, self.errors, self.calls = host, list(errors), 0
+
+    def remote(self, call):
+        self.calls += 1
+        if self.errors:
+            error = self.errors.pop(0)
+
+            class Raising:
+                def result(self, timeout_s=None):
+                    raise error
+
+            return Raising()
+        return _Response(self.host.run, call)
+
+
+def _remote_with(setup, errors):
+    local, _, hosts, path = setup
+    handles = {role: FakeHandle(host) for role, host in hosts.items()}
+    failing = _Failing(hosts["Denoiser"], errors)
+    handles["Denoiser"].run = failing
+    pipe = remote_pipeline_blocks(local.blocks, MODEL, handles).init_pipeline(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, failing
+
+
+def test_a_call_whose_replica_died_is_sent_once_more_with_the_same_result(setup):
+    from ray.exceptions import ActorDiedError
+
+    local = setup[0]
+    pipe, failing = _remote_with(setup, [ActorDiedError()])
+    got = pipe(generator=torch.Generator().manual_seed(7), **COMMON)
+    expected = local(generator=torch.Generator().manual_seed(7), **COMMON)
+    assert failing.calls == 2
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_replica_failures_become_replica_unavailable_with_retry_after(setup):
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
+
+    unreachable = ActorUnavailableError("gone", b"\0" * 16)
+    pipe, failing = _remote_with(setup, [ActorDiedError(), unreachable])
+    with pytest.raises(ReplicaUnavailable, match="Denoiser unavailable: replica failed twice") \
+            as died:
+        pipe(generator=torch.Generator().manual_seed(7), **COMMON)
+    assert failing.calls == 2 and died.value.retry_after >= 1
+
+    full = BackPressureError(num_queued_requests=9, max_queued_requests=8, retry_after_s=2.5)
+    pipe, failing = _remote_with(setup, [full])
+    with pytest.raises(ReplicaUnavailable, match="queue full") as busy:
+        pipe(generator=torch.Generator().manual_seed(7), **COMMON)
+    assert failing.calls == 1  # an overloaded deployment is not hammered again
+    assert busy.value.retry_after == 3
+
+
+def test_the_service_answers_replica_unavailable_with_503_and_retry_after():
+    from service.generation import outcome_error
+
+    error = outcome_error(ReplicaUnavailable("Denoiser", "replica failed twice", 5), job=None)
+    assert error is not None and error.status == 503
+    assert error.headers == {"Retry-After": "5"}
+    assert "Denoiser" in error.message
