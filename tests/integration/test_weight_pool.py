@@ -63,7 +63,7 @@ def pool_app(tmp_path_factory: pytest.TempPathFactory):
             "deployments": [{"name": "Denoiser", "num_replicas": 2,
                              "ray_actor_options": {"num_cpus": 0.5}}]}
     with local_serve_app(args) as url:
-        yield {"url": url,
+        yield {"url": url, "args": args,
                "vae": serve.get_deployment_handle("VAE", app_name="blockserve")}
 
 
@@ -224,3 +224,25 @@ def test_a_restarted_registry_rebuilds_its_state(pool_app) -> None:
     assert sorted(_vae_entries(stats)[0]["users"]) == ["first/vae", "second/vae"]
     assert stats["loads"] == stats["misses"] == len(stats["entries"]) == 5
     assert stats["hits"] >= 2
+
+
+def test_a_full_deployment_queue_answers_503_with_retry_after(pool_app) -> None:
+    from service.ray_placement import build_app
+
+    # Redeploy the VAE to take one call and queue one more; the router sends up to 8.
+    args = dict(pool_app["args"])
+    args["deployments"] = [*args["deployments"],
+                           {"name": "VAE", "max_ongoing_requests": 1, "max_queued_requests": 1}]
+    serve.run(build_app(args), name="blockserve", route_prefix="/")
+    url = pool_app["url"]
+    with ThreadPoolExecutor(12) as executor:
+        responses = list(executor.map(lambda seed: _generate(url, "first", seed, timeout=60),
+                                      range(200, 212)))
+    codes = collections.Counter(response.status_code for response in responses)
+    print(f"VAE queue of 1 under 12 concurrent requests: {codes}")
+    assert set(codes) <= {200, 503} and codes[503] >= 1, codes
+    for response in responses:
+        if response.status_code == 503:
+            assert int(response.headers["retry-after"]) >= 1
+            error = response.json()["error"]
+            assert "VAE unavailable: queue full" in error["message"], error
