@@ -60,7 +60,27 @@ class PackedModule:
 
     def build(self) -> torch.nn.Module:
         """A fresh skeleton (meta tensors) to `assign_tensors` into."""
-        return pickle.loads(self.skeleton)
+        module = pickle.loads(self.skeleton)
+        _register_unpickled(module)
+        return module
+
+
+def _register_unpickled(module: torch.nn.Module) -> None:
+    """Redo the process-wide registration a model's constructor makes and unpickling skips.
+
+    transformers (5.x) keeps, per model class, which outputs its hooks can record
+    (`output_hidden_states=True`) in a registry that `PreTrainedModel.__init__` fills. In a
+    replica that never constructed the class, an unpickled model would silently return no
+    hidden states (FLUX.2's text encoder needs them).
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # another transformers: nothing known to redo
+        return
+    for submodule in module.modules():
+        if isinstance(submodule, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[submodule] = submodule._can_record_outputs
 
 
 def _attributes(module: torch.nn.Module):

@@ -1,5 +1,6 @@
 """The shared weight pool on a local Ray cluster (2 CPUs, loopback): two models whose VAEs are
-byte-identical share one pool entry loaded once, idle components are offloaded and come back
+byte-identical share one pool entry loaded once, FLUX.2 [klein] runs on pooled weights with
+embedded mode's pixels, idle components are offloaded and come back
 from the pool (not from disk), a Denoiser replica killed under load gives 200s or clean 503s
 and the service recovers, and a restarted registry rebuilds its state.
 
@@ -23,6 +24,7 @@ ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip instal
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from blocks.flux2.tiny_model import write_tiny_flux2_klein  # noqa: E402
 from blocks.stable_diffusion.tiny_model import write_tiny_sd  # noqa: E402
 from deployments.weight_pool import (  # noqa: E402
     REGISTRY_NAME,
@@ -45,6 +47,10 @@ models:
     path: {second}
     defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
     limits: {{max_steps: 4, max_n: 2}}
+  flux:
+    family: flux2-klein
+    path: {flux}
+    defaults: {{steps: 2, size: 32x32}}
 """
 
 
@@ -57,13 +63,14 @@ def pool_app(tmp_path_factory: pytest.TempPathFactory):
     shutil.rmtree(second / "vae")
     shutil.copytree(first / "vae", second / "vae")  # ... and a byte-identical VAE
     models_file = folder / "models.yaml"
-    models_file.write_text(MODELS_YAML.format(first=first, second=second))
+    write_tiny_flux2_klein(folder / "flux")
+    models_file.write_text(MODELS_YAML.format(first=first, second=second, flux=folder / "flux"))
     args = {"models_file": str(models_file), "concurrency": 8,
             "weight_pool": {"idle_offload_s": IDLE_OFFLOAD_S, "heartbeat_s": HEARTBEAT_S},
             "deployments": [{"name": "Denoiser", "num_replicas": 2,
                              "ray_actor_options": {"num_cpus": 0.5}}]}
     with local_serve_app(args) as url:
-        yield {"url": url, "args": args,
+        yield {"url": url, "args": args, "models_file": models_file,
                "vae": serve.get_deployment_handle("VAE", app_name="blockserve")}
 
 
@@ -84,7 +91,13 @@ def _stats() -> dict:
 
 
 def _vae_entries(stats: dict) -> list[dict]:
-    return [e for e in stats["entries"] if any(k.endswith("/vae:float32") for k in e["keys"])]
+    """The SD models' VAE entries (FLUX.2's VAE is another class, another entry)."""
+    return [e for e in stats["entries"] if {"first/vae", "second/vae"} & set(e["users"])]
+
+
+def _sd_entries(stats: dict) -> list[dict]:
+    return [e for e in stats["entries"]
+            if any(user.startswith(("first/", "second/")) for user in e["users"])]
 
 
 def _live_replicas() -> set[str]:
@@ -112,9 +125,9 @@ def test_byte_identical_vaes_are_one_entry_loaded_once(pool_app) -> None:
     assert len(vaes) == 1, vaes
     assert sorted(vaes[0]["users"]) == ["first/vae", "second/vae"]
     # text encoders and UNets differ by seed: 2 + 2 entries, plus the one VAE; each loaded
-    # once although two Denoiser replicas and two models asked for them.
-    assert len(stats["entries"]) == 5
-    assert stats["loads"] == stats["misses"] == 5
+    # once although two Denoiser replicas and two models asked for them. FLUX.2 adds 3.
+    assert len(_sd_entries(stats)) == 5
+    assert stats["loads"] == stats["misses"] == len(stats["entries"]) == 8
     assert stats["hits"] >= 2  # the second VAE, and the second Denoiser replica's UNets
     # The node holds each entry's bytes once.
     assert sum(stats["pool_bytes_by_node"].values()) == sum(e["bytes"] for e in stats["entries"])
@@ -125,11 +138,28 @@ def test_model_detail_and_metrics_show_the_pool(pool_app) -> None:
     weights = detail["placement"]["weights"]
     assert weights["components"]["vae"]["shared_with"] == ["first/vae"]
     assert set(weights["components"]) == {"text_encoder", "unet", "vae"}
-    assert weights["loads"] == 5
+    assert weights["loads"] == 8
     metrics = httpx.get(f"{pool_app['url']}/metrics", timeout=30).text
-    assert "blockserve_pool_entries 5.0" in metrics
-    assert "blockserve_pool_loads_total 5.0" in metrics
+    assert "blockserve_pool_entries 8.0" in metrics
+    assert "blockserve_pool_loads_total 8.0" in metrics
     assert "blockserve_pool_resident_bytes{" in metrics
+
+
+def test_flux2_klein_on_the_pool_gives_the_embedded_pixels(pool_app) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    body = {"model": "flux", "prompt": "a red fox", "seed": 4, "size": "32x32"}
+    got = httpx.post(f"{pool_app['url']}/v1/images/generations", json=body, timeout=120)
+    assert got.status_code == 200, got.text
+    settings = Settings.from_env(models_file=pool_app["models_file"], api_keys="")
+    with TestClient(create_app(settings)) as client:
+        _wait_for(lambda: client.get("/readyz").status_code == 200, 120, "the embedded app")
+        expected = client.post("/v1/images/generations", json=body)
+    assert expected.status_code == 200, expected.text
+    assert np.abs(_pixels(got).astype(int) - _pixels(expected).astype(int)).max() <= 1
 
 
 def test_idle_components_are_offloaded_and_come_back_from_the_pool(pool_app) -> None:
@@ -222,7 +252,9 @@ def test_a_restarted_registry_rebuilds_its_state(pool_app) -> None:
     stats = _stats()
     assert len(_vae_entries(stats)) == 1
     assert sorted(_vae_entries(stats)[0]["users"]) == ["first/vae", "second/vae"]
-    assert stats["loads"] == stats["misses"] == len(stats["entries"]) == 5
+    assert len(_sd_entries(stats)) == 5
+    # Each entry loaded once (a replica that Serve was still replacing may add FLUX.2's).
+    assert stats["loads"] == stats["misses"] == len(stats["entries"])
     assert stats["hits"] >= 2
 
 

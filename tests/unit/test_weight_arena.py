@@ -103,3 +103,24 @@ def test_folder_digest_sees_byte_identical_components(tmp_path) -> None:
     shutil.copytree(first / "vae", second / "vae")
     assert folder_digest(first / "vae") == folder_digest(second / "vae")
     assert folder_digest(tmp_path / "missing") is None
+
+
+def test_an_unpickled_transformers_model_still_returns_hidden_states() -> None:
+    # transformers fills a per-class registry in the constructor that unpickling skips; a
+    # replica that never constructed the class (FLUX.2's Qwen3 text encoder) got no hidden
+    # states back. Simulate that process by dropping the class's registration.
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=32)
+    packed, arena = pack_module(Qwen3ForCausalLM(config).eval())
+    for key in [k for k in _CAN_RECORD_REGISTRY if "Qwen3" in k]:
+        del _CAN_RECORD_REGISTRY[key]
+    rebuilt = packed.build()
+    assign_tensors(rebuilt, packed.slots, arena)
+    with torch.inference_mode():
+        output = rebuilt(torch.tensor([[1, 2, 3]]), output_hidden_states=True, use_cache=False)
+    assert output.hidden_states is not None and len(output.hidden_states) == 3
