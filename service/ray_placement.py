@@ -25,6 +25,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -230,12 +231,16 @@ class WeightPoolCollector:
         blockserve_pool_resident_bytes{replica,device,entry} bytes held by each replica
 
     Counters restart from zero when the registry restarts (Prometheus' rate() handles that).
+    `stats` returns the registry's stats (None: no registry); tests give a fake.
     """
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        self._stats = stats or (lambda: registry_stats(timeout_s=1.0))
 
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = registry_stats(timeout_s=1.0)
+        stats = self._stats()
         if stats is None:
             return
         pool = GaugeMetricFamily("blockserve_pool_bytes", "Weight bytes in the object store.",
