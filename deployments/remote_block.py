@@ -267,7 +267,6 @@ class RemoteBlock(ModularPipelineBlocks):
             state.set(key, value, kind)
         return components, state
 
-
     def _send(self, call: BlockCall) -> BlockResult:
         retry, overloaded = _replica_failures()
         for attempt in (1, 2):

@@ -92,7 +92,6 @@ class _Entry:
     arena_ref: Any
     keys: set[ComponentKey]
     users: set[tuple[str, str]] = field(default_factory=set)  # (model, component)
-    loaded_at: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -59,10 +59,8 @@ def outcome_error(error: BaseException, job: GenerationJob) -> APIError | None:
                         "timeout")
     if isinstance(error, GenerationCancelled):
         return APIError(499, "generation cancelled", None, "cancelled")
-    if isinstance(error, EngineBusy):  # queued when the engine stopped
-        return APIError(503, f"server unavailable: {error}; retry later", None,
-                        "server_busy", {"Retry-After": str(error.retry_after)})
-    if isinstance(error, ReplicaUnavailable):  # Ray mode: a deployment died or is full
+    # Queued when the engine stopped, or (Ray mode) a deployment died or is full.
+    if isinstance(error, (EngineBusy, ReplicaUnavailable)):
         return APIError(503, f"server unavailable: {error}; retry later", None,
                         "server_busy", {"Retry-After": str(error.retry_after)})
     if isinstance(error, ModelNotReady):

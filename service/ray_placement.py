@@ -266,6 +266,7 @@ class WeightPoolCollector:
 
 
 def registry_stats(timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """`deployments.weight_pool.registry_stats`, imported late: that module needs Ray."""
     from deployments.weight_pool import registry_stats as stats
 
     return stats(timeout_s)
