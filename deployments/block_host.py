@@ -8,7 +8,8 @@ Batching (`run_many`): calls that are compatible (`batch_key`: same model and bl
 `denoise` merges —, equal scalar inputs such as steps, guidance, size and strength, the same
 scheduler config, tensor inputs of equal trailing shape, one generator per image) run as one
 block call on concatenated inputs, and each gets its own rows and generator states back.
-Per-image generators make an image the same alone or batched. Edits (an image posterior or
+Per-image generators and batch-invariant CPU kernels (`blocks.batch_invariance`, as in
+embedded mode) make an image the same alone or batched, bit for bit. Edits (an image posterior or
 mask in the inputs) and caller-given latents run alone, as in embedded mode.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from blocks import ModularPipeline
+from blocks.batch_invariance import batch_invariant
 from blocks.composites import SequentialPipelineBlocks
 from deployments.remote_block import BlockCall, BlockResult, GeneratorState, run_call
 
@@ -62,6 +64,7 @@ class BlockHost:
         self.pool = pool
         self.blocks: dict[tuple[str, str], Any] = {}
         self.pipelines: dict[str, ModularPipeline] = {}
+        self.devices: dict[str, str] = {}
         self.block_components: dict[tuple[str, str], list[str]] = {}
         for model, config in models.items():
             # The whole family's pipeline, so every spec (and so every model's config, e.g.
@@ -89,6 +92,7 @@ class BlockHost:
                 pipe.update_components(**{name: module})
             pipe.set_progress_bar_config(disable=True)
             self.pipelines[model] = pipe
+            self.devices[model] = config.get("device", "cpu")
             for name, block in mine.items():
                 self.blocks[(model, name)] = block
                 self.block_components[(model, name)] = block.component_names
@@ -105,10 +109,11 @@ class BlockHost:
             raise ValueError(f"{self.role}: no block {call.block!r} for model {call.model!r}; "
                              f"hosted: {sorted(self.blocks)}")
         components = _CallComponents(self.pipelines[call.model], call.components)
-        if self.pool is None:
-            return run_call(self.blocks[key], call.block, components, call)
-        with self.pool.using(call.model, self.block_components[key]):
-            return run_call(self.blocks[key], call.block, components, call)
+        with batch_invariant(self.devices[call.model]):
+            if self.pool is None:
+                return run_call(self.blocks[key], call.block, components, call)
+            with self.pool.using(call.model, self.block_components[key]):
+                return run_call(self.blocks[key], call.block, components, call)
 
     def run_many(self, calls: list[BlockCall]) -> list[BlockResult | Exception]:
         """Run `calls`, merging compatible ones; an error fails only its group."""

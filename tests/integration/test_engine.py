@@ -20,7 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from openai import APIError as OpenAIAPIError
 from openai import OpenAI
@@ -201,9 +200,8 @@ def test_batched_and_alone_give_identical_pixels(engine_server: LiveServer) -> N
 
 
 @needs_tiny_sd
-def test_tiny_sd_batched_matches_alone_to_one_level(engine_server: LiveServer) -> None:
-    # The same noise and math batched or alone; on CPU, MKL/oneDNN kernels that pick code
-    # paths by batch size may move a rare 8-bit value by one (see service/batch.py).
+def test_tiny_sd_batched_and_alone_give_identical_pixels(engine_server: LiveServer) -> None:
+    # The same noise and batch-invariant CPU kernels (see service/batch.py): the same bytes.
     bodies = [{"model": "tiny-sd", "prompt": prompt, "seed": seed}
               for prompt, seed in (("a cat", 1), ("a dog", 2), ("a tree", 3))]
     batched = queued_behind_blocker(engine_server, bodies)
@@ -212,9 +210,7 @@ def test_tiny_sd_batched_matches_alone_to_one_level(engine_server: LiveServer) -
     for body, response in zip(bodies, batched, strict=True):
         assert response.status_code == 200, response.text
         alone = generate(engine_server, body).json()["data"][0]["b64_json"]
-        pixels = [np.asarray(decode_png(b64), dtype=np.int16)
-                  for b64 in (response.json()["data"][0]["b64_json"], alone)]
-        assert np.abs(pixels[0] - pixels[1]).max() <= 1
+        assert response.json()["data"][0]["b64_json"] == alone
 
 
 def test_a_failing_request_leaves_its_batch_mates_correct(engine_server: LiveServer) -> None:

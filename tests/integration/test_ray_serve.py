@@ -106,9 +106,8 @@ def test_http_same_png_as_embedded_app(ray_app) -> None:
             time.sleep(0.2)
         expected = client.post("/v1/images/generations", json=body)
     assert expected.status_code == 200, expected.text
-    diff = np.abs(_png(got.json()["data"][0]).astype(int)
-                  - _png(expected.json()["data"][0]).astype(int))
-    assert diff.max() <= 1  # 8-bit PNGs of arrays equal to ~1e-6
+    # Both compute under batch-invariant CPU kernels, whichever process runs a block.
+    assert got.json()["data"][0]["b64_json"] == expected.json()["data"][0]["b64_json"]
 
 
 def test_sixteen_concurrent_requests_succeed_and_the_denoiser_batches(ray_app) -> None:
@@ -138,7 +137,7 @@ def test_batched_denoise_gives_the_images_made_alone(ray_app) -> None:
     with ThreadPoolExecutor(len(seeds)) as pool:
         together = list(pool.map(generate, seeds))
     for a, b in zip(alone, together, strict=True):
-        assert np.abs(a - b).max() <= 1  # CPU GEMMs are not bit batch-invariant
+        assert np.array_equal(a, b)  # batch-invariant CPU kernels in the Denoiser
 
 
 def test_model_detail_names_the_deployment_of_each_heavy_block(ray_app) -> None:

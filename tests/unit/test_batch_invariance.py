@@ -1,0 +1,168 @@
+"""`blocks.batch_invariance`: under `batch_invariant()`, an image made in a batch is bit-identical
+to the same image made alone, for every family's real model classes at tiny size, at one and
+two intra-op threads.
+
+Without the mode these comparisons differ by ~1e-6 on this kind of CPU (oneDNN takes another
+path for a lone image, MKL's small GEMMs and the scalar remainder of SIMD loops depend on the
+batch's size), which is what the mode exists to remove.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+from collections.abc import Iterator
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blocks import ModularPipeline
+from blocks.batch_invariance import _whole_steps, batch_invariant
+from blocks.flux2.tiny_model import write_tiny_flux2_klein
+from blocks.stable_diffusion.tiny_model import write_tiny_sd
+
+SHAPES_SD = pathlib.Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes-sd"
+PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+           "a blue triangle on a black background", "a yellow circle on a red background",
+           "a white square on a green background"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_diffusers() -> Iterator[None]:
+    previous = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    yield
+    diffusers.utils.logging.set_verbosity(previous)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def _pipeline(path: pathlib.Path) -> ModularPipeline:
+    pipe = ModularPipeline.from_pretrained(str(path))
+    pipe.load_components(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModularPipeline]:
+    folder = tmp_path_factory.mktemp("invariance")
+    return {
+        "sd": _pipeline(write_tiny_sd(folder / "sd")),
+        "shapes-sd": _pipeline(SHAPES_SD),
+        "flux2-klein": _pipeline(write_tiny_flux2_klein(folder / "flux2")),
+    }
+
+
+def _images(pipe: ModularPipeline, prompts: list[str], seeds: list[int], size: int,
+            **extra: object) -> np.ndarray:
+    with batch_invariant():
+        return pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    num_inference_steps=2, height=size, width=size, output_type="np",
+                    output="images", **extra)
+
+
+@pytest.mark.parametrize(("family", "size", "extra"), [
+    ("sd", 32, {"guidance_scale": 7.5}),
+    ("sd", 64, {"guidance_scale": 7.5, "negative_prompt": ["blurry"] * 5}),
+    ("shapes-sd", 64, {"guidance_scale": 5.0}),
+    ("flux2-klein", 32, {}),
+])
+def test_batched_image_is_bit_identical_to_alone(
+    pipelines: dict[str, ModularPipeline], threads: int, family: str, size: int,
+    extra: dict[str, object],
+) -> None:
+    pipe = pipelines[family]
+    seeds = [11, 12, 13, 14, 15]
+    batched = _images(pipe, PROMPTS, seeds, size, **extra)
+    alone_extra = {k: v[:1] if isinstance(v, list) else v for k, v in extra.items()}
+    for index in (0, 2, 4):  # first, middle and last row: the remainder of a loop sits last
+        alone = _images(pipe, PROMPTS[index:index + 1], seeds[index:index + 1], size,
+                        **alone_extra)
+        assert np.array_equal(alone[0], batched[index]), (
+            f"{family} {size}px, {threads} thread(s): image {index} differs by "
+            f"{np.abs(alone[0] - batched[index]).max():.2e} batched vs alone")
+
+
+def test_rerouted_ops_give_each_sample_its_alone_value(threads: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 16, 9, 9, generator=generator)
+    tokens = torch.randn(7, 77, 37, generator=generator)
+    cases = {
+        "conv3x3": lambda t: F.conv2d(t, torch.ones(8, 16, 3, 3) / 9, torch.ones(8), padding=1),
+        "conv1x1": lambda t: F.conv2d(t, torch.linspace(-1, 1, 128).reshape(8, 16, 1, 1)),
+        "group_norm": lambda t: F.group_norm(t, 4),
+        "silu": F.silu,
+        "sigmoid": torch.sigmoid,
+        "sin": torch.sin,
+        "gelu": lambda t: F.gelu(t, approximate="tanh"),
+    }
+    with batch_invariant():
+        for name, op in cases.items():
+            full = op(x)
+            for row in (0, 3, 6):
+                assert torch.equal(op(x[row:row + 1])[0], full[row]), name
+        weight, bias = torch.randn(64, 37, generator=generator), torch.randn(64)
+        full = F.linear(tokens, weight, bias)
+        for row in (0, 6):
+            assert torch.equal(F.linear(tokens[row:row + 1], weight, bias)[0], full[row])
+        time_rows = torch.randn(7, 37, generator=generator)  # (N, K): one GEMM row per image
+        full = F.linear(time_rows, weight, bias)
+        assert torch.equal(F.linear(time_rows[6:], weight, bias)[0], full[6])
+
+
+def test_values_stay_those_of_the_default_kernels_to_float_rounding() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 12, 12, generator=generator)
+    weight = torch.randn(16, 8, 3, 3, generator=generator)
+    default = F.silu(F.conv2d(x, weight, padding=1))
+    with batch_invariant():
+        invariant = F.silu(F.conv2d(x, weight, padding=1))
+    assert invariant.shape == default.shape
+    torch.testing.assert_close(invariant, default, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_activation_writes_its_input() -> None:
+    x = torch.randn(3, 50)
+    expected = F.silu(x)
+    with batch_invariant():
+        out = F.silu(x, inplace=True)
+    assert out is x
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mode_is_per_thread_and_only_for_the_cpu() -> None:
+    seen: list[bool] = []
+
+    def other_thread() -> None:
+        seen.append(torch.overrides._is_torch_function_mode_enabled())
+
+    with batch_invariant():
+        assert torch.overrides._is_torch_function_mode_enabled()
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen == [False]
+    with batch_invariant("cuda"):  # not covered, so not entered (and no dispatch cost)
+        assert not torch.overrides._is_torch_function_mode_enabled()
+
+
+def test_padding_makes_every_thread_chunk_whole_simd_steps() -> None:
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _whole_steps(1) == 32 and _whole_steps(64) == 64 and _whole_steps(65) == 96
+        assert _whole_steps(40_000) % 64 == 0  # split in two: each half whole steps
+        torch.set_num_threads(3)
+        assert _whole_steps(40_000) % (32 * 6) == 0  # 1, 2 or 3 chunks: all whole steps
+    finally:
+        torch.set_num_threads(previous)
