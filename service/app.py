@@ -72,7 +72,7 @@ def create_app(
         engine = BatchingEngine(
             registry, queue_size=settings.queue_size, max_batch_size=settings.max_batch_size,
             batch_window_s=settings.batch_window_ms / 1000, observer=metrics,
-            step_hook=step_hook,
+            step_hook=step_hook, workers=settings.workers,
         )
     context = ServiceContext(
         settings=settings, registry=registry, engine=engine, metrics=metrics,

@@ -10,12 +10,13 @@ stops receiving progress and gets its stop error, while its batch-mates run on (
 still computed, then dropped); when every member has stopped, the callback stops the call.
 A pipeline error fails the whole call: the engine, not this module, decides what to retry.
 
-Whether a batched image is *bit*-identical to the same image made alone also depends on the
-model's kernels being batch-invariant. The demo family's are (element-wise ops), so its
-images are byte-identical. Stable Diffusion on CPU is not exactly: MKL's GEMMs and oneDNN's
-convolutions pick code paths by batch size, which moves values by ~1e-6 and flips about one
-8-bit pixel value in 10^4 by one level. A model that must be bit-exact sets
-`max_batch_size: 1` in the models file.
+The same noise is not enough for the same pixels: CPU kernels pick code paths by batch size
+(oneDNN convolutions, MKL's small GEMMs, the scalar remainder of SIMD loops), which moves
+values by ~1e-6 and flips about one 8-bit pixel value in 10^4. So a CPU model's call runs
+under `blocks.batch_invariance.batch_invariant()`, alone or batched, and every image is
+bit-identical either way. The price: a little time per op, and pixels that can differ from
+diffusers' default kernels by one level in rare places (the library itself, outside the
+service, keeps diffusers' kernels and pixels exactly).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from blocks import GenerationCancelled
+from blocks.batch_invariance import batch_invariant
 from service.jobs import GenerationJob, GenerationResult
 from service.previews import latent_previews
 from service.registry import LoadedModel
@@ -79,8 +81,10 @@ def run_batch(
     model: LoadedModel,
     jobs: Sequence[GenerationJob],
     step_hook: StepHook | None = None,
+    worker: int = 0,
 ) -> list[GenerationResult | Exception]:
-    """Run `jobs` (equal `batch_key`s) in one pipeline call, in this thread.
+    """Run `jobs` (equal `batch_key`s) in one pipeline call, in this thread, on engine
+    worker `worker`'s pipeline.
 
     Returns each job's result, or the error it stopped with (cancelled, timed out). Raises
     what the pipeline raised when the call itself failed."""
@@ -120,11 +124,12 @@ def run_batch(
             job.listener.progress(step + 1, total, previews)
         return not running  # True stops the call: every member has stopped
 
-    pipe = model.pipeline(jobs[0].scheduler)
+    pipe = model.pipeline(jobs[0].scheduler, worker)
     start = time.perf_counter()
     try:
-        images = pipe(**batch_inputs(model, jobs), output="images",
-                      callback_on_step_end=on_step_end)
+        with batch_invariant(pipe.device):
+            images = pipe(**batch_inputs(model, jobs), output="images",
+                          callback_on_step_end=on_step_end)
     except GenerationCancelled:
         if all(member.error is not None for member in members):
             return [member.error for member in members]  # type: ignore[misc]

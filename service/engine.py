@@ -1,8 +1,9 @@
 """Engines run generation jobs; routes only `submit`, `cancel`, and await the future.
 
 `Engine` is the interface the HTTP layer depends on (the Ray placement implements it too).
-`BatchingEngine` is the embedded one: a bounded FIFO queue and one worker thread that runs
-batches of compatible jobs, each batch one pipeline call (`service.batch`).
+`BatchingEngine` is the embedded one: a bounded FIFO queue and worker threads (one by
+default) that each run batches of compatible jobs, each batch one pipeline call
+(`service.batch`) on the worker's own pipeline objects (the weights are shared).
 
 - Back-pressure: `submit` never blocks. A full queue raises `QueueFull` (429 with
   Retry-After, estimated from recent batch times); a stopped engine `EngineStopped` (503).
@@ -20,20 +21,27 @@ batches of compatible jobs, each batch one pipeline call (`service.batch`).
   a running one at its next denoising step without stopping its batch-mates; a job past its
   deadline (`timeout_seconds` after submission, queue time included) is stopped the same way.
 
-Not handled here: validation, HTTP, priorities, several workers (one model call at a time is
-what one accelerator does well; the Ray placement scales out instead).
+- Workers: one model call at a time is what one accelerator does well, so the default is one
+  worker. On a CPU a small model can't keep every core busy with intra-op threads; there,
+  `workers` > 1 runs that many batches at once, each on cores / workers threads (the app
+  sets torch's thread count). Workers take batches from the one queue, oldest first.
+
+Not handled here: validation, HTTP, priorities (the Ray placement scales out instead of up).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import torch
 
 from service.batch import StepHook, run_batch
 from service.jobs import CANCELLED, GenerationJob, GenerationResult
@@ -98,6 +106,16 @@ class Engine(Protocol):
         """Jobs in the batch running now."""
 
 
+def _share_cores(workers: int) -> None:
+    """Give each of `workers` concurrent model calls its share of the cores: more intra-op
+    threads than cores in all makes OpenMP threads wait on each other (many times slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = min(torch.get_num_threads(), max(1, (cores or 1) // workers))
+    if threads != torch.get_num_threads():
+        logger.info("engine: %d workers, %d torch threads each", workers, threads)
+        torch.set_num_threads(threads)
+
+
 @dataclass(eq=False)
 class _Entry:
     job: GenerationJob
@@ -116,7 +134,7 @@ def _resolve(future: Future[Any], result: Any = None, error: BaseException | Non
 
 
 class BatchingEngine:
-    """Batches of compatible jobs, one pipeline call each, on one worker thread."""
+    """Batches of compatible jobs, one pipeline call each, on `workers` threads."""
 
     def __init__(
         self,
@@ -126,18 +144,22 @@ class BatchingEngine:
         batch_window_s: float = 0.005,
         observer: EngineObserver | None = None,
         step_hook: StepHook | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self._registry = registry
         self.queue_size = queue_size
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
+        self.workers = workers
         self._observer = observer
         self._step_hook = step_hook
         self._cond = threading.Condition()
         self._pending: list[_Entry] = []  # arrival order
-        self._running: list[_Entry] = []
+        self._running: dict[int, list[_Entry]] = {}  # worker -> its batch
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._batch_seconds = 1.0  # moving average, for Retry-After
 
     # -- the interface -------------------------------------------------------------------
@@ -150,27 +172,34 @@ class BatchingEngine:
     @property
     def running(self) -> int:
         with self._cond:
-            return len(self._running)
+            return sum(len(batch) for batch in self._running.values())
 
     def start(self) -> None:
+        if self.workers > 1:
+            _share_cores(self.workers)
         with self._cond:
             self._stopping = False
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._work, name="blockserve-engine", daemon=True
-                )
-                self._thread.start()
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            if not self._threads:
+                self._threads = [
+                    threading.Thread(target=self._work, args=(worker,), daemon=True,
+                                     name=f"blockserve-engine-{worker}")
+                    for worker in range(self.workers)
+                ]
+                for thread in self._threads:
+                    thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         with self._cond:
             self._stopping = True
             dropped, self._pending = self._pending, []
-            thread, self._thread = self._thread, None
+            threads, self._threads = self._threads, []
             self._cond.notify_all()
         for entry in dropped:
             _resolve(entry.future, error=EngineStopped("the server is shutting down"))
-        if thread is not None:
-            thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def submit(self, job: GenerationJob) -> Future[GenerationResult]:
         with self._cond:
@@ -208,7 +237,7 @@ class BatchingEngine:
     # -- the worker ----------------------------------------------------------------------
 
     def _retry_after(self) -> int:
-        batches_ahead = len(self._pending) / self.max_batch_size + 1
+        batches_ahead = (len(self._pending) / self.max_batch_size + 1) / self.workers
         return max(1, min(60, math.ceil(self._batch_seconds * batches_ahead)))
 
     def _cap(self, job: GenerationJob) -> int:
@@ -218,9 +247,9 @@ class BatchingEngine:
             configured = None
         return configured or self.max_batch_size
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
         while True:
-            stopped, batch = self._next_batch()
+            stopped, batch = self._next_batch(worker)
             for entry in stopped:
                 self._stopped(entry, entry.job.stop_error(), QUEUED)
             if batch is None:
@@ -228,16 +257,16 @@ class BatchingEngine:
             if not batch:
                 continue
             try:
-                self._run(batch)
+                self._run(batch, worker)
             except Exception:  # a bug here must not kill the worker: fail the batch
                 logger.exception("engine: running a batch failed unexpectedly")
                 for entry in batch:
                     _resolve(entry.future, error=RuntimeError("internal engine error"))
             finally:
                 with self._cond:
-                    self._running = []
+                    self._running.pop(worker, None)
 
-    def _next_batch(self) -> tuple[list[_Entry], list[_Entry] | None]:
+    def _next_batch(self, worker: int) -> tuple[list[_Entry], list[_Entry] | None]:
         """(queued jobs found stopped, to resolve; the next batch, taken off the queue, or
         [] to look again, or None once stopping)."""
         with self._cond:
@@ -264,7 +293,7 @@ class BatchingEngine:
                 if images >= cap or wait <= 0:
                     for entry in batch:
                         self._pending.remove(entry)
-                    self._running = batch
+                    self._running[worker] = batch
                     return [], batch
                 self._cond.wait(wait)  # for batch-mates; then look again
 
@@ -295,7 +324,7 @@ class BatchingEngine:
                                        stage)
         _resolve(entry.future, error=error)
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _run(self, batch: list[_Entry], worker: int) -> None:
         now = time.monotonic()
         live = []
         for entry in batch:
@@ -317,15 +346,15 @@ class BatchingEngine:
                 self._observer.job_started(name, now - entry.enqueued)
             if entry.job.listener is not None:
                 entry.job.listener.started()
-        self._run_members(model, live)
+        self._run_members(model, live, worker)
 
-    def _run_members(self, model: LoadedModel, members: list[_Entry]) -> None:
+    def _run_members(self, model: LoadedModel, members: list[_Entry], worker: int) -> None:
         jobs = [entry.job for entry in members]
         if self._observer is not None:
             self._observer.batch_started(model.name, sum(job.n for job in jobs))
         start = time.monotonic()
         try:
-            outcomes = run_batch(model, jobs, self._on_step)
+            outcomes = run_batch(model, jobs, self._on_step, worker=worker)
         except Exception as error:
             if len(members) == 1:
                 _resolve(members[0].future, error=error)
@@ -336,10 +365,12 @@ class BatchingEngine:
                 if entry.job.check_deadline():
                     self._stopped(entry, entry.job.stop_error(), RUNNING)
                 else:
-                    self._run_members(model, [entry])
+                    self._run_members(model, [entry], worker)
             return
         finally:
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - start)
+            with self._cond:
+                self._batch_seconds = (0.8 * self._batch_seconds
+                                       + 0.2 * (time.monotonic() - start))
         for entry, outcome in zip(members, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self._stopped(entry, outcome, RUNNING)

@@ -6,10 +6,11 @@
 tracks each model's state (pending, loading, ready, failed) for `/readyz`.
 
 A request may name a scheduler. Schedulers hold per-call state (timesteps), so a request never
-swaps the scheduler of a pipeline another request might be using: each (model, scheduler) gets
-its own pipeline, made on first use, whose weights are the very same objects as the model's
-first pipeline (shared through the ComponentsManager) and whose scheduler is created with
-`from_config(<the checkpoint's scheduler>.config)`.
+swaps the scheduler of a pipeline another request might be using: each (model, scheduler,
+engine worker) gets its own pipeline, made on first use, whose weights are the very same
+objects as the model's first pipeline (shared through the ComponentsManager) and whose
+scheduler is created with `from_config(<the checkpoint's scheduler>.config)` (the checkpoint's
+own scheduler: a copy of it).
 
 Not handled here: unloading models at run time, reloading a changed models file, and choosing
 which requests run when (that is the engine's job).
@@ -17,6 +18,7 @@ which requests run when (that is the engine's job).
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -64,7 +66,7 @@ class LoadedModel:
     workflows: tuple[str, ...]
     input_names: frozenset[str]
     tree: dict[str, Any]
-    _variants: dict[str, ModularPipeline] = field(default_factory=dict)
+    _variants: dict[tuple[str | None, int], ModularPipeline] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _manager: Any = None
 
@@ -79,43 +81,53 @@ class LoadedModel:
     def accepts(self, input_name: str) -> bool:
         return input_name in self.input_names
 
-    def pipeline(self, scheduler: str | None = None) -> ModularPipeline:
-        """The pipeline running `scheduler` (None: the checkpoint's), made on first use."""
-        if scheduler is None or scheduler == self.default_scheduler:
+    def pipeline(self, scheduler: str | None = None, worker: int = 0) -> ModularPipeline:
+        """The pipeline running `scheduler` (None: the checkpoint's) for engine worker
+        `worker`, made on first use."""
+        if scheduler == self.default_scheduler:
+            scheduler = None
+        if scheduler is None and worker == 0:
             return self.base
-        if scheduler not in self.family.schedulers:
+        if scheduler is not None and scheduler not in self.family.schedulers:
             raise ValueError(
                 f"scheduler {scheduler!r} is not one of {', '.join(self.schedulers)} "
                 f"for model {self.name!r}"
             )
         with self._lock:
-            pipe = self._variants.get(scheduler)
+            pipe = self._variants.get((scheduler, worker))
             if pipe is None:
-                pipe = self._make_variant(scheduler)
-                self._variants[scheduler] = pipe
+                pipe = self._make_variant(scheduler, worker)
+                self._variants[(scheduler, worker)] = pipe
             return pipe
 
-    def _make_variant(self, scheduler: str) -> ModularPipeline:
+    def _make_variant(self, scheduler: str | None, worker: int) -> ModularPipeline:
         base = self.base
         pipe = self.blocks.init_pipeline(
             self.config.path,
             components_manager=self._manager,
-            collection=f"{self.name}:{scheduler}",
+            collection=f"{self.name}:{scheduler or self.default_scheduler}:{worker}",
         )
-        # Weights (from_pretrained components) are shared; weight-free ones stay per pipeline.
-        shared = {
-            name: component
-            for name, component in base.components.items()
-            if component is not None
-            and base.component_specs[name].default_creation_method == "from_pretrained"
-        }
-        pipe.update_components(**shared)
+        # Weights are shared. Other loaded components (tokenizers) are shared within one
+        # worker, whose calls never overlap, and copied for another: a fast tokenizer must not
+        # be used by two threads at once.
+        loaded = {}
+        for name, component in base.components.items():
+            if (component is None
+                    or base.component_specs[name].default_creation_method != "from_pretrained"):
+                continue
+            share = worker == 0 or isinstance(component, torch.nn.Module)
+            loaded[name] = component if share else copy.deepcopy(component)
+        pipe.update_components(**loaded)
         # Components loaded later on first use get the model's dtype too.
         pipe.load_components(names=[], dtype=DTYPES[self.config.dtype])
-        scheduler_class = self.family.scheduler_class(scheduler)
-        pipe.update_components(scheduler=scheduler_class.from_config(base.scheduler.config))
+        if scheduler is not None:
+            scheduler_class = self.family.scheduler_class(scheduler)
+            pipe.update_components(scheduler=scheduler_class.from_config(base.scheduler.config))
+        elif base.components.get("scheduler") is not None:  # the checkpoint's own, per worker
+            pipe.update_components(scheduler=copy.deepcopy(base.scheduler))
         pipe.set_progress_bar_config(disable=True)
-        logger.info("model %s: pipeline for scheduler %s ready", self.name, scheduler)
+        logger.info("model %s: pipeline for scheduler %s, worker %d ready", self.name,
+                    scheduler or self.default_scheduler, worker)
         return pipe
 
 

@@ -20,6 +20,9 @@ line flags override the environment (`Settings.from_env(port=...)`).
                                  model's `max_batch_size` in the models file overrides it
     BLOCKSERVE_BATCH_WINDOW_MS   5; how long an idle engine waits for compatible requests to
                                  join the first one's batch (0 = never wait)
+    BLOCKSERVE_WORKERS           1; batches the engine runs at once. Keep 1 for one GPU; on a
+                                 CPU, a small model may serve more with one worker per core
+                                 (each gets cores / workers torch threads)
     BLOCKSERVE_JOB_TTL_SECONDS   600; how long a finished /v1/jobs job stays readable
     BLOCKSERVE_MAX_FINISHED_JOBS 256; finished jobs kept at most (the oldest are forgotten)
     BLOCKSERVE_TEST_HOOKS        false; tests only: prompt markers that fail or slow a job
@@ -76,6 +79,11 @@ class Settings(BaseModel):
     )
     max_batch_size: int = Field(
         8, ge=1, le=256, description="Most images per pipeline call; 1 turns batching off."
+    )
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="Batches the engine runs at once; on a CPU each gets cores/workers torch "
+                    "threads. 1 for one GPU.",
     )
     batch_window_ms: float = Field(
         5.0, ge=0, le=10_000,

@@ -165,6 +165,54 @@ def test_an_idle_engine_waits_the_window_for_batch_mates(registry):
     assert observer.batches == [2]
 
 
+def test_two_workers_run_two_batches_at_once_on_their_own_pipelines(registry):
+    observer = Observer()
+    both_running = []
+    seen_pipelines = set()
+
+    def hook(jobs, step):  # both jobs are slow: each worker holds one while the other runs
+        both_running.append(engine.running)
+        seen_pipelines.add(id(registry.get("demo").pipeline(None, 0)))
+        time.sleep(0.05)
+
+    engine = BatchingEngine(registry, observer=observer, step_hook=hook, workers=2)
+    jobs = [job("red", 1, steps=4), job("blue", 2, steps=4, size=64)]  # incompatible
+    futures = [engine.submit(j) for j in jobs]
+    engine.start()
+    try:
+        outcomes = results(futures)
+    finally:
+        engine.stop()
+    assert sorted(observer.batches) == [1, 1]
+    assert 2 in both_running  # at some step both batches were running
+    for j, outcome in zip(jobs, outcomes, strict=True):
+        assert [pixels(image) for image in outcome.images] == alone(registry, j)
+    model = registry.get("demo")
+    assert model.pipeline(None, 1) is not model.pipeline(None, 0) is model.base
+    assert model.pipeline(None, 1) is model.pipeline(None, 1)  # made once per worker
+
+
+def test_worker_pipelines_share_weights_and_copy_the_rest(tmp_path):
+    from blocks.stable_diffusion.tiny_model import write_tiny_sd
+
+    checkpoint = write_tiny_sd(tmp_path / "sd")
+    models = parse_models({"models": {"sd": {"family": "sd", "path": str(checkpoint),
+                                             "defaults": {"size": "32x32"},
+                                             "sizes": ["32x32"]}}}, tmp_path)
+    model = ModelRegistry(models).load("sd")
+    first, second = model.pipeline(None, 0), model.pipeline(None, 1)
+    assert second.unet is first.unet and second.vae is first.vae  # one copy of the weights
+    assert second.tokenizer is not first.tokenizer  # not shared between threads
+    assert second.scheduler is not first.scheduler  # per-call state (timesteps)
+    assert second.scheduler.config == first.scheduler.config
+    assert model.pipeline("euler", 1).unet is first.unet
+
+
+def test_workers_must_be_at_least_one(registry):
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        BatchingEngine(registry, workers=0)
+
+
 # -- back-pressure, cancellation, timeouts, failures -------------------------------------------
 
 
