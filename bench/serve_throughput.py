@@ -1,11 +1,15 @@
 """Benchmark: blockserve's server against a naive diffusers server, side by side, under load.
 
 One script, one tiny random-weight Stable Diffusion checkpoint (`write_tiny_sd`, in a temp
-folder), two servers as subprocesses on free loopback ports with the same torch thread count:
+folder), two servers as subprocesses on free loopback ports:
 
-- blockserve: `blockserve serve` (the batching engine; `--max-batch-size`, `--batch-window-ms`)
+- blockserve: `blockserve serve` (the batching engine; `--max-batch-size`, `--batch-window-ms`,
+  `--workers` batches at once, `--threads` torch threads each)
 - naive: `bench/baselines/naive_server.py` (FastAPI + one diffusers StableDiffusionPipeline
-  behind a lock, one request at a time)
+  behind a lock, one request at a time), `--threads` torch threads for its one call, like one
+  blockserve worker (`--naive-threads` to choose otherwise: on a 2-core machine shared with the
+  load generator, 2 threads made it slower under load, 12.1 vs 25.4 images/s at 32x32 and
+  concurrency 16, as OpenMP threads wait on each other)
 
 Both get the same requests (distinct prompts and seeds; same size, steps, guidance) at each
 image size and concurrency level, after a warm-up, in rounds that alternate between the
@@ -19,7 +23,8 @@ overhead dominates and batching amortises it; at 64x64 its CPU convolutions domi
 batch saves less per image.
 
     python bench/serve_throughput.py [--requests 48] [--rounds 2] [--concurrency 1 4 16]
-        [--sizes 32 64] [--steps 4] [--max-batch-size N] [--batch-window-ms MS] [--threads 1]
+        [--sizes 32 64] [--steps 4] [--max-batch-size N] [--batch-window-ms MS]
+        [--workers 1] [--threads 1] [--naive-threads N]
 """
 
 from __future__ import annotations
@@ -218,9 +223,13 @@ def main() -> None:
                         help="blockserve's BLOCKSERVE_MAX_BATCH_SIZE (default: its default)")
     parser.add_argument("--batch-window-ms", type=float,
                         help="blockserve's BLOCKSERVE_BATCH_WINDOW_MS (default: its default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="blockserve's BLOCKSERVE_WORKERS (batches at once)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of both servers (1: on a small shared machine, "
+                        help="torch threads per model call (1: on a small shared machine, "
                              "more threads than free cores makes OpenMP stall)")
+    parser.add_argument("--naive-threads", type=int,
+                        help="the naive server's torch threads (default: --threads)")
     parser.add_argument("--warmup", type=int, default=4, help="requests per server and size")
     args = parser.parse_args()
 
@@ -237,9 +246,13 @@ def main() -> None:
             f"size: {args.sizes[0]}x{args.sizes[0]}}}\n"
             f"    sizes: [{sizes}]\n"
             f"    limits: {{max_steps: {max(args.steps, 50)}, max_n: 4}}\n")
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+        cores = args.workers * args.threads
+        naive_threads = args.naive_threads or args.threads
+        env = {**os.environ, "OMP_NUM_THREADS": str(naive_threads), "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": str(ROOT)}
-        ours_env = {**env, "BLOCKSERVE_LOG_LEVEL": "warning",
+        # The engine gives each of its workers cores / workers threads.
+        ours_env = {**env, "OMP_NUM_THREADS": str(cores), "BLOCKSERVE_WORKERS": str(args.workers),
+                    "BLOCKSERVE_LOG_LEVEL": "warning",
                     "BLOCKSERVE_CACHE_DIR": str(folder / "cache"),
                     "BLOCKSERVE_QUEUE_SIZE": str(max(64, 2 * max(args.concurrency)))}
         for name, value in (("MAX_BATCH_SIZE", args.max_batch_size),
@@ -261,9 +274,10 @@ def main() -> None:
         wait_ready(naive, "/healthz")
 
         print(f"tiny SD, {args.steps} steps, guidance 7.5, {args.requests} requests x "
-              f"{args.rounds} rounds per server and level, OMP_NUM_THREADS={args.threads}; "
-              f"blockserve max batch {args.max_batch_size or 'default'}, window "
-              f"{'default' if args.batch_window_ms is None else args.batch_window_ms} ms\n")
+              f"{args.rounds} rounds per server and level; blockserve {args.workers} worker(s) "
+              f"x {args.threads} torch thread(s), max batch {args.max_batch_size or 'default'}, "
+              f"window {'default' if args.batch_window_ms is None else args.batch_window_ms} "
+              f"ms; naive {naive_threads} torch thread(s)\n")
         for size in args.sizes:
             difference = same_seed_difference([ours, naive], size, args.steps)
             print(f"{size}x{size}: same-seed image, blockserve vs naive: max |diff| = "
