@@ -23,8 +23,8 @@ default) that each run batches of compatible jobs, each batch one pipeline call
 
 - Workers: one model call at a time is what one accelerator does well, so the default is one
   worker. On a CPU a small model can't keep every core busy with intra-op threads; there,
-  `workers` > 1 runs that many batches at once, each on cores / workers threads (the app
-  sets torch's thread count). Workers take batches from the one queue, oldest first.
+  `workers` > 1 runs that many batches at once, each on cores / workers torch threads (set
+  when the engine starts). Workers take batches from the one queue, oldest first.
 
 Not handled here: validation, HTTP, priorities (the Ray placement scales out instead of up).
 """

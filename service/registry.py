@@ -112,7 +112,7 @@ class LoadedModel:
         # be used by two threads at once.
         loaded = {}
         for name, component in base.components.items():
-            if (component is None
+            if (component is None or name == "scheduler"
                     or base.component_specs[name].default_creation_method != "from_pretrained"):
                 continue
             share = worker == 0 or isinstance(component, torch.nn.Module)
@@ -123,7 +123,7 @@ class LoadedModel:
         if scheduler is not None:
             scheduler_class = self.family.scheduler_class(scheduler)
             pipe.update_components(scheduler=scheduler_class.from_config(base.scheduler.config))
-        elif base.components.get("scheduler") is not None:  # the checkpoint's own, per worker
+        elif base.components.get("scheduler") is not None:  # the checkpoint's own: a copy
             pipe.update_components(scheduler=copy.deepcopy(base.scheduler))
         pipe.set_progress_bar_config(disable=True)
         logger.info("model %s: pipeline for scheduler %s, worker %d ready", self.name,

@@ -206,6 +206,13 @@ def test_worker_pipelines_share_weights_and_copy_the_rest(tmp_path):
     assert second.scheduler is not first.scheduler  # per-call state (timesteps)
     assert second.scheduler.config == first.scheduler.config
     assert model.pipeline("euler", 1).unet is first.unet
+    made = []
+    for worker in (0, 1):
+        sd_job = GenerationJob(model="sd", workflow="text2image", prompt="a cat", n=1, width=32,
+                               height=32, steps=2, seed=3)
+        outcome = run_batch(model, [sd_job], worker=worker)[0]
+        made.append(pixels(outcome.images[0]))
+    assert made[0] == made[1]  # either worker makes the same bytes
 
 
 def test_workers_must_be_at_least_one(registry):

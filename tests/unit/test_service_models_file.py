@@ -154,3 +154,6 @@ def test_invalid_settings_name_the_variable():
         Settings.from_env({"BLOCKSERVE_PORT": "99999"})
     with pytest.raises(SettingsError, match="BLOCKSERVE_MAX_BODY_BYTES"):
         Settings.from_env({"BLOCKSERVE_MAX_BODY_BYTES": "lots"})
+    with pytest.raises(SettingsError, match=r"BLOCKSERVE_WORKERS: .*greater than or equal to 1"):
+        Settings.from_env({"BLOCKSERVE_WORKERS": "0"})
+    assert Settings.from_env({"BLOCKSERVE_WORKERS": "2"}).workers == 2
