@@ -6,21 +6,27 @@ For each family's tiny checkpoint (random-weight SD, the trained shapes SD model
 order swapped every round) after warm-up, for a lone image and a batch of 8. Prints median
 seconds per call and the ratio invariant / default, and for each kernel set the largest
 difference between an image made in the batch and the same image made alone (float, and how
-many 8-bit values differ): what the mode exists to remove.
+many 8-bit values differ): what the mode exists to remove. With `--parallel N`, also the
+pipeline's own ceiling for a server with N engine workers: images/s of N threads, each with its
+own pipeline objects (shared weights) making batches of 8 — no HTTP, no queue.
 
     python bench/batch_invariance.py [--runs 10] [--steps 4] [--size 64] [--threads 1]
+        [--parallel N]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,13 +48,20 @@ def checkpoints(folder: Path) -> dict[str, Path]:
             "flux2-klein (random tiny)": write_tiny_flux2_klein(folder / "flux2")}
 
 
-def runner(path: Path, steps: int, size: int) -> Callable[[int, bool], np.ndarray]:
-    """(images, invariant?) -> the images of one seeded call (image i: prompt i, seed i)."""
+def runner(path: Path, steps: int, size: int, weights_of: Any = None,
+           ) -> Callable[[int, bool], np.ndarray]:
+    """(images, invariant?) -> the images of one seeded call (image i: prompt i, seed i).
+    `weights_of`: a runner whose modules this one shares (an engine worker's pipeline)."""
     from blocks import ModularPipeline
     from blocks.batch_invariance import batch_invariant
 
     pipe = ModularPipeline.from_pretrained(str(path))
     pipe.load_components(dtype=torch.float32)
+    if weights_of is not None:
+        shared = weights_of.pipe.components
+        pipe.update_components(**{name: component if isinstance(component, torch.nn.Module)
+                                  else copy.deepcopy(component)
+                                  for name, component in shared.items() if component is not None})
     pipe.set_progress_bar_config(disable=True)
     guidance = {} if "flux2" in str(path) else {"guidance_scale": 5.0}
 
@@ -60,7 +73,26 @@ def runner(path: Path, steps: int, size: int) -> Callable[[int, bool], np.ndarra
                         num_inference_steps=steps, height=size, width=size, output_type="np",
                         output="images", **guidance)
 
+    run.pipe = pipe  # type: ignore[attr-defined]
     return run
+
+
+def parallel_images_per_second(runs: list[Callable], invariant: bool, calls: int) -> float:
+    """Images/s of len(runs) threads, each making `calls` batches of 8 on its own pipeline."""
+    finished: list[float] = []
+    start = time.perf_counter()
+
+    def work(run: Callable) -> None:
+        for _ in range(calls):
+            run(8, invariant)
+        finished.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=work, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(runs) * calls * 8 / max(finished)
 
 
 def batch_vs_alone(run: Callable, invariant: bool) -> tuple[float, int]:
@@ -80,6 +112,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="also time this many threads making batches of 8 at once")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import diffusers
@@ -110,6 +144,14 @@ def main() -> None:
                 worst, values = batch_vs_alone(run, invariant)
                 print(f"  {'invariant' if invariant else 'default'} kernels: batch of 8 vs each "
                       f"alone: max |diff| {worst:.1e}, 8-bit values differing: {values}")
+            if args.parallel:
+                runs = [run] + [runner(path, args.steps, args.size, weights_of=run)
+                                for _ in range(args.parallel - 1)]
+                for invariant in (False, True):
+                    parallel_images_per_second(runs, invariant, 1)  # warm-up
+                    rate = parallel_images_per_second(runs, invariant, args.runs)
+                    print(f"  {'invariant' if invariant else 'default'} kernels: "
+                          f"{args.parallel} threads making batches of 8: {rate:.1f} images/s")
             print()
 
 
