@@ -94,10 +94,11 @@ def _interpolate(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 # Element-wise ops whose vectorised (SIMD) code and scalar remainder code round differently.
 _TRANSCENDENTAL: tuple[Callable[..., Any], ...] = (
     F.silu, F.gelu, F.mish, F.softplus, F.elu,
-    torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh,
-    torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.erf, torch.Tensor.erf,
-    torch.sin, torch.Tensor.sin, torch.cos, torch.Tensor.cos, torch.rsqrt, torch.Tensor.rsqrt,
+    torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.erf, torch.sin, torch.cos,
+    torch.rsqrt,
 )
+_METHODS = ("sigmoid", "tanh", "exp", "log", "erf", "sin", "cos", "rsqrt")
+_INPLACE_POSITION = {F.silu: 0, F.mish: 0, F.elu: 1}  # of `inplace` among the args after x
 _SIMD_STEP = 32  # floats per step of ATen's vectorised loop with AVX-512 (2 x 16); AVX2: 16
 
 
@@ -109,13 +110,22 @@ def _whole_steps(numel: int) -> int:
     return -(-numel // multiple) * multiple
 
 
-def _elementwise(func: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+def _elementwise(func: Callable[..., Any], always_inplace: bool = False,
+                 ) -> Callable[..., torch.Tensor]:
+    """`func` (out of place) on every element through the SIMD path; written into the input
+    when the call asked for that (`inplace=True`, or `always_inplace` for `Tensor.exp_`...)."""
+    position = _INPLACE_POSITION.get(func)
+
     def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        inplace = always_inplace or bool(kwargs.pop("inplace", False))
+        if position is not None and len(args) > position:
+            inplace = inplace or bool(args[position])
+            args = (*args[:position], False, *args[position + 1:])
+        if not x.is_floating_point() or x.numel() < 2 or kwargs.get("out") is not None:
+            out = func(x, *args, **kwargs)
+            return x.copy_(out) if inplace else out
         # Where an element falls (a SIMD step or the scalar remainder) depends on the total
         # size; padded to whole steps, every element takes the SIMD path, wherever it sits.
-        if not x.is_floating_point() or x.numel() < 2 or kwargs.get("out") is not None:
-            return func(x, *args, **kwargs)
-        inplace = bool(kwargs.pop("inplace", False))
         missing = _whole_steps(x.numel()) - x.numel()
         if not missing and x.is_contiguous():
             out = func(x, *args, **kwargs)
@@ -135,12 +145,16 @@ _REROUTED: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
     F.group_norm: _group_norm,
     F.interpolate: _interpolate,
     **{func: _elementwise(func) for func in _TRANSCENDENTAL},
+    **{getattr(torch.Tensor, name): _elementwise(getattr(torch.Tensor, name))
+       for name in _METHODS},
+    **{getattr(torch.Tensor, name + "_"): _elementwise(getattr(torch.Tensor, name),
+                                                       always_inplace=True)
+       for name in _METHODS},
 }
 
 
 def _on_cpu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    first = args[0] if args else kwargs.get("input")
-    return isinstance(first, torch.Tensor) and first.device.type == "cpu"
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
 
 
 class _BatchInvariantMode(TorchFunctionMode):
@@ -150,7 +164,9 @@ class _BatchInvariantMode(TorchFunctionMode):
         replacement = _REROUTED.get(func)
         if replacement is None:
             return func(*args, **(kwargs or {}))
-        kwargs = kwargs or {}
+        kwargs = dict(kwargs or {})
+        if not args and "input" in kwargs:  # F.silu(input=x): the replacements take x first
+            args = (kwargs.pop("input"),)
         # Inside this method the mode is off, so the replacements call the real ops.
         if _on_cpu(args, kwargs):
             return replacement(*args, **kwargs)

@@ -131,13 +131,25 @@ def test_values_stay_those_of_the_default_kernels_to_float_rounding() -> None:
     torch.testing.assert_close(invariant, default, rtol=1e-5, atol=1e-5)
 
 
-def test_inplace_activation_writes_its_input() -> None:
+def test_in_place_and_keyword_calls_keep_their_meaning() -> None:
     x = torch.randn(3, 50)
-    expected = F.silu(x)
     with batch_invariant():
-        out = F.silu(x, inplace=True)
-    assert out is x
-    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+        for call, expected in (
+            (lambda t: F.silu(t, inplace=True), F.silu),
+            (lambda t: F.silu(t, True), F.silu),  # inplace given by position
+            (lambda t: F.elu(t, 0.5, True), lambda t: F.elu(t, 0.5)),
+            (lambda t: t.sigmoid_(), torch.sigmoid),
+            (lambda t: t.exp_(), torch.exp),
+        ):
+            target = x.clone()
+            want = expected(x.clone())
+            out = call(target)
+            assert out is target  # written into its input, as asked
+            torch.testing.assert_close(target, want, rtol=1e-6, atol=1e-6)
+        plain = x.clone()
+        torch.testing.assert_close(F.silu(input=plain), F.silu(x), rtol=1e-6, atol=1e-6)
+        assert torch.equal(plain, x)  # out of place left its input alone
+        assert torch.equal(F.linear(input=x, weight=torch.eye(50)), F.linear(x, torch.eye(50)))
 
 
 def test_mode_is_per_thread_and_only_for_the_cpu() -> None:
