@@ -16,7 +16,8 @@ values by ~1e-6 and flips about one 8-bit pixel value in 10^4. So a CPU model's 
 under `blocks.batch_invariance.batch_invariant()`, alone or batched, and every image is
 bit-identical either way. The price: a little time per op, and pixels that can differ from
 diffusers' default kernels by one level in rare places (the library itself, outside the
-service, keeps diffusers' kernels and pixels exactly).
+service, keeps diffusers' kernels and pixels exactly). CUDA kernels are not covered: on a GPU
+a model that must be bit-exact sets `max_batch_size: 1`.
 """
 
 from __future__ import annotations
