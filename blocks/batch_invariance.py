@@ -1,27 +1,34 @@
 """Batch-invariant CPU kernels: an image's pixels must not depend on what it was batched with.
 
 CPU libraries pick code paths by problem size. MKL's GEMM with few rows (a time embedding,
-one row per image) and oneDNN's convolutions (a lone image vs. several; 1x1 convolutions,
-which become one GEMM over every pixel of the batch) round differently at different batch
-sizes, so the same image made alone and in a batch differs by ~1e-6, which flips an 8-bit
-pixel value by one level about once in 10^4. `batch_invariant()` routes exactly those ops
-through computations whose result for one sample depends only on that sample:
+one row per image), oneDNN's convolutions (a lone image vs. several; 1x1 convolutions, which
+become one GEMM over every pixel of the batch), kernels chosen by memory format (which is
+ambiguous for a batch of one) and the scalar remainder of SIMD loops (whose position depends
+on the total size) all round differently at different batch sizes, so the same image made
+alone and in a batch differs by ~1e-6, which flips an 8-bit pixel value by one level about
+once in 10^4. `batch_invariant()` routes exactly those ops through computations whose result
+for one sample depends only on that sample:
 
-- `linear`: one GEMM per sample (`bmm` against the shared weight), so a sample's GEMM has
-  the same shape in any batch. For a single sample this is the very GEMM `linear` runs.
+- `linear`: one GEMM per sample (`bmm`/`baddbmm` against the shared weight), so a sample's
+  GEMM has the same shape in any batch.
 - 1x1 convolutions (stride 1, no padding, one group): the same per-sample GEMM.
 - other convolutions: oneDNN computes every image of a batch of two or more identically,
   wherever it sits in the batch; only a batch of one takes another path, so a lone image is
   run as a batch of two (itself twice) and the copy dropped.
+- group norm, interpolation and convolutions get contiguous (NCHW) inputs, so the kernel never
+  depends on how a batch of one happens to be laid out.
+- transcendental element-wise ops (silu, gelu, sigmoid, exp, sin, ...) run on inputs padded
+  to whole SIMD steps, so no element falls in the scalar remainder.
 
-Every other op the model families use (element-wise ops, group/layer norms, softmax,
-attention, einsum/bmm) already computes each sample on its own. The unit tests check the
-whole claim on the real model classes at several batch sizes, positions and thread counts.
+Every other op the model families use (add/mul, layer norm, softmax, attention, einsum/bmm)
+already computes each sample on its own. The unit tests check the whole claim on the real
+model classes of every family at several batch sizes, positions and thread counts.
 
-What it costs: a little time (per-sample GEMMs are smaller, a lone image's convolutions run
-twice) and exact equality with the default kernels: an image made under it can differ from
-diffusers' by the same ~1e-6. Only CPU tensors are rerouted; CUDA kernels (cuBLAS, cuDNN)
-have their own size-dependent choices that this does not address.
+What it costs: time (a Python dispatch per torch call, smaller per-sample GEMMs, a lone
+image's convolutions run twice; measured by bench/batch_invariance.py) and exact equality
+with the default kernels: an image made under it can differ from diffusers' by ~1e-6. Only
+CPU tensors are rerouted; CUDA kernels (cuBLAS, cuDNN) have their own size-dependent choices
+that this does not address.
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                else torch.baddbmm(bias.reshape(-1, 1), kernel, pixels))  # (N, O, HW)
         return out.reshape(n, -1, h, w)
     if n == 1:
-        # A real copy: an expanded (stride-0) batch would come back in another memory format.
+        # Two real rows, not a stride-0 view: an ordinary batch of two, as the tests check.
         return F.conv2d(torch.cat([x, x]), weight, bias, stride, padding, dilation, groups)[:1]
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -99,7 +106,8 @@ _TRANSCENDENTAL: tuple[Callable[..., Any], ...] = (
 )
 _METHODS = ("sigmoid", "tanh", "exp", "log", "erf", "sin", "cos", "rsqrt")
 _INPLACE_POSITION = {F.silu: 0, F.mish: 0, F.elu: 1}  # of `inplace` among the args after x
-_SIMD_STEP = 32  # floats per step of ATen's vectorised loop with AVX-512 (2 x 16); AVX2: 16
+# Floats per step of ATen's vectorised loop: 2 vectors of 16 with AVX-512 (of 8 with AVX2).
+_SIMD_STEP = 32
 
 
 def _whole_steps(numel: int) -> int:
@@ -153,7 +161,7 @@ _REROUTED: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
 }
 
 
-def _on_cpu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _on_cpu(args: tuple[Any, ...]) -> bool:
     return bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
 
 
@@ -168,7 +176,7 @@ class _BatchInvariantMode(TorchFunctionMode):
         if not args and "input" in kwargs:  # F.silu(input=x): the replacements take x first
             args = (kwargs.pop("input"),)
         # Inside this method the mode is off, so the replacements call the real ops.
-        if _on_cpu(args, kwargs):
+        if _on_cpu(args):
             return replacement(*args, **kwargs)
         return func(*args, **kwargs)
 
