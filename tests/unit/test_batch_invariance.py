@@ -13,7 +13,6 @@ import pathlib
 import threading
 from collections.abc import Iterator
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -30,12 +29,7 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
            "a white square on a green background"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_diffusers() -> Iterator[None]:
-    previous = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    yield
-    diffusers.utils.logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])

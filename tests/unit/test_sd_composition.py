@@ -8,9 +8,7 @@ Everything runs on tiny random-weight checkpoints; where diffusers has the same 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -33,12 +31,7 @@ PROMPT = "a photo of a cat sitting on a wooden table"
 STEPS = {"num_inference_steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_diffusers() -> Iterator[None]:
-    previous = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    yield
-    diffusers.utils.logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 @pytest.fixture(scope="module")

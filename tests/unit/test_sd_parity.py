@@ -9,9 +9,7 @@ schedulers, a guidance-distilled UNet, and batching with one generator per image
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -42,12 +40,7 @@ STEPS = {"num_inference_steps": 2}
 # -- fixtures -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_diffusers() -> Iterator[None]:
-    previous = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    yield
-    diffusers.utils.logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 @pytest.fixture(scope="module")

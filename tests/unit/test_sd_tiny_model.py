@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from collections.abc import Iterator
 
 import diffusers
 import numpy as np
@@ -30,13 +29,7 @@ def inpaint_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return write_tiny_sd(tmp_path_factory.mktemp("sd_inpaint") / "ckpt", inpaint=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_diffusers() -> Iterator[None]:
-    # The pipelines warn about the missing safety checker and the like; not this test's concern.
-    previous = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    yield
-    diffusers.utils.logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 def _digest(root: pathlib.Path) -> str:
