@@ -10,9 +10,13 @@ folder never touches the network. This module does not decide *which* components
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 from blocks.specs import ComponentSpec
 
 MODULAR_INDEX = "modular_model_index.json"
+_HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 DIFFUSERS_INDEX = "model_index.json"
 
 
@@ -168,17 +173,39 @@ def load_component(
             kwargs["subfolder"] = spec.subfolder
         if spec.variant:
             kwargs["variant"] = spec.variant
+        if cls.__module__.startswith("diffusers") and not _HAS_ACCELERATE:
+            # What diffusers falls back to without accelerate anyway; said explicitly, it
+            # loads the same way without warning about it on every start.
+            kwargs["low_cpu_mem_usage"] = False
         if dtype is not None and issubclass(cls, torch.nn.Module):
             # transformers >= 5 takes `dtype`; diffusers still takes `torch_dtype`.
             dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
             kwargs[dtype_arg] = dtype
-        return cls.from_pretrained(str(folder), **kwargs)
+        with _quiet_progress_bars():
+            return cls.from_pretrained(str(folder), **kwargs)
     except ComponentLoadError:
         raise
     except Exception as error:  # any library's failure becomes one clear, named error
         raise ComponentLoadError(
             f"failed to load component {spec.name!r} ({cls.__name__}) from {where}: {error}"
         ) from error
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar per model: noise on every start of a
+    server, so it is off while loading unless the `blocks` logger is at DEBUG."""
+    from transformers.utils import logging as transformers_logging
+
+    if (logging.getLogger("blocks").isEnabledFor(logging.DEBUG)
+            or not transformers_logging.is_progress_bar_enabled()):
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def component_class_entry(component: Any) -> tuple[str, str]:

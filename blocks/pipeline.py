@@ -254,9 +254,13 @@ class ModularPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move (and optionally cast) every model component; returns the pipeline."""
+        # Only what is given: diffusers' `to` warns about float32 modules whenever a `dtype`
+        # keyword is present, even None.
+        moves = {key: value for key, value in (("device", device), ("dtype", dtype))
+                 if value is not None}
         for component in self._components.values():
-            if isinstance(component, torch.nn.Module):
-                component.to(device=device, dtype=dtype)
+            if isinstance(component, torch.nn.Module) and moves:
+                component.to(**moves)
         return self
 
     @property

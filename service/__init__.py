@@ -4,3 +4,10 @@
 metrics in this process); `service.cli` is the command line (`serve`, `generate`, `models`,
 `demo`, `tiny-model`). `service` may import `deployments` and `blocks`; nothing imports `service`.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("blockserve")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -23,6 +23,9 @@ line flags override the environment (`Settings.from_env(port=...)`).
     BLOCKSERVE_WORKERS           1; batches the engine runs at once. Keep 1 for one GPU; on a
                                  CPU, a small model may serve more with one worker per core
                                  (each gets cores / workers torch threads)
+    BLOCKSERVE_TORCH_THREADS     torch threads per worker; default OMP_NUM_THREADS when set,
+                                 else (cores - 1) / workers: one core stays free, so a busy
+                                 machine does not stall every op (`service.torch_threads`)
     BLOCKSERVE_JOB_TTL_SECONDS   600; how long a finished /v1/jobs job stays readable
     BLOCKSERVE_MAX_FINISHED_JOBS 256; finished jobs kept at most (the oldest are forgotten)
     BLOCKSERVE_TEST_HOOKS        false; tests only: prompt markers that fail or slow a job
@@ -84,6 +87,11 @@ class Settings(BaseModel):
         1, ge=1, le=64,
         description="Batches the engine runs at once; on a CPU each gets cores/workers torch "
                     "threads. 1 for one GPU.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="Torch intra-op threads per worker; None: OMP_NUM_THREADS if set, else "
+                    "(cores - 1) / workers (service.torch_threads says why).",
     )
     batch_window_ms: float = Field(
         5.0, ge=0, le=10_000,

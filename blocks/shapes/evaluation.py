@@ -116,17 +116,23 @@ def evaluate_shapes(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     seed: int = 0,
     pipeline: Any = None,
+    progress: bool = False,
 ) -> ShapesReport:
     """Generate and score one image per prompt.
 
     `prompts` is a count (see `evaluation_combinations`) or explicit (shape, colour,
     background) combinations. Prompt i uses `torch.Generator().manual_seed(seed + i)`.
-    `pipeline` reuses an already loaded pipeline for `checkpoint`.
+    `pipeline` reuses an already loaded pipeline for `checkpoint`. `progress` draws a
+    progress bar with the time left on stderr.
     """
+    from tqdm.auto import tqdm
+
     combos = evaluation_combinations(prompts) if isinstance(prompts, int) else list(prompts)
     pipe = pipeline if pipeline is not None else load_shapes_pipeline(checkpoint)
     results = []
-    for i, combo in enumerate(combos):
+    bar = tqdm(combos, desc="eval-shapes", unit="prompt", disable=not progress,
+               dynamic_ncols=True)
+    for i, combo in enumerate(bar):
         generator = torch.Generator().manual_seed(seed + i)
         start = time.perf_counter()
         image = pipe(

@@ -19,8 +19,12 @@ The recipe, in two stages:
 
 Everything is seeded and runs a fixed number of steps (not a time budget), with
 deterministic algorithms and a fixed thread count, so the same arguments on the same software
-give the same weights whatever the machine's speed. It deliberately does not handle GPUs,
-resuming, or other image sizes: it exists to make the default offline model reproducible.
+give the same weights whatever the machine's speed. One progress bar covers both stages, with
+the time left. The checkpoint is written into a staging folder beside `out_dir` and moved into
+place at the end, so an interrupted run leaves no half-written `out_dir` (a rerun starts over;
+`overwrite=True` replaces an existing checkpoint). It deliberately does not handle GPUs,
+resuming mid-run, or other image sizes: it exists to make the default offline model
+reproducible.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import math
 import pathlib
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from blocks.shapes.dataset import (
     IMAGE_SIZE,
@@ -109,13 +115,16 @@ def train_shapes(
     unet_steps: int | None = None,
     threads: int = 1,
     log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
     **overrides: object,
 ) -> pathlib.Path:
-    """Train the shapes model and write its checkpoint to `out_dir` (missing or empty).
+    """Train the shapes model and write its checkpoint to `out_dir` (missing or empty, or
+    anything when `overwrite`: it is replaced once the new checkpoint is complete).
 
     `vae_steps` / `unet_steps` default to the committed checkpoint's counts; lower them for a
     quick, worse model. Further `ShapesTrainingConfig` fields may be passed as keywords.
-    Returns the checkpoint folder.
+    `progress` draws a progress bar with the time left on stderr. Returns the checkpoint folder.
     """
     fields = {"seed": seed, "threads": threads, **overrides}
     if vae_steps is not None:
@@ -123,11 +132,12 @@ def train_shapes(
     if unet_steps is not None:
         fields["unet_steps"] = unet_steps
     config = ShapesTrainingConfig(**fields)  # type: ignore[arg-type]
-    return ShapesTrainer(config, log=log).run(pathlib.Path(out_dir))
+    return ShapesTrainer(config, log=log, progress=progress).run(pathlib.Path(out_dir),
+                                                                 overwrite=overwrite)
 
 
 def _print_err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    tqdm.write(message, file=sys.stderr)  # above a progress bar, not through it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,26 +253,36 @@ class ShapesTrainer:
         config: ShapesTrainingConfig,
         log: Callable[[str], None] | None = None,
         on_unet_step: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
+        progress: bool = False,
     ):
         self.config = config
         self.log = log or _print_err
+        self.progress = progress
         # Called as on_unet_step(step, ema_text_encoder, ema_unet) after every stage-2 step,
         # e.g. to snapshot or evaluate a run as it goes.
         self.on_unet_step = on_unet_step
         self.timings: dict[str, float] = {}
 
-    def run(self, out: pathlib.Path) -> pathlib.Path:
-        if out.exists() and any(out.iterdir()):
+    def run(self, out: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+        if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
             raise FileExistsError(f"{out} is not empty")
-        out.mkdir(parents=True, exist_ok=True)
+        # Written here and moved to `out` at the end: an interrupted run leaves no checkpoint
+        # that looks complete, and nothing that blocks the next run.
+        staging = out.parent / f".{out.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         cfg = self.config
         previous_threads = torch.get_num_threads()
         previous_deterministic = torch.are_deterministic_algorithms_enabled()
         torch.set_num_threads(cfg.threads)
         torch.use_deterministic_algorithms(True)
+        # Stage 1 steps, the pool's encoding (counted as one step per 256 images), stage 2.
+        total = cfg.vae_steps + math.ceil(cfg.pool_size / 256) + cfg.unet_steps
+        self.bar = tqdm(total=total, desc="train-shapes", unit="step", file=sys.stderr,
+                        disable=not self.progress, dynamic_ncols=True)
         try:
             start, cpu_start = time.perf_counter(), time.process_time()
-            tokenizer = build_tokenizer(out / "tokenizer")
+            tokenizer = build_tokenizer(staging / "tokenizer")
             torch.manual_seed(cfg.seed)
             vae = self._train_vae(random.Random(cfg.seed))
             latents, pool_ids, captions = self._encode_pool(vae, random.Random(cfg.seed + 1))
@@ -276,10 +296,16 @@ class ShapesTrainer:
             )
             self.timings["total_s"] = time.perf_counter() - start
             self.timings["cpu_s"] = time.process_time() - cpu_start
+            self.bar.close()
             self.log(f"trained in {self.timings['total_s'] / 60:.1f} min "
                      f"({self.timings['cpu_s'] / 60:.1f} min of CPU time)")
-            self._save(out, tokenizer, text_encoder, unet, vae)
+            self._save(staging, tokenizer, text_encoder, unet, vae)
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
         finally:
+            self.bar.close()
+            shutil.rmtree(staging, ignore_errors=True)
             torch.set_num_threads(previous_threads)
             torch.use_deterministic_algorithms(previous_deterministic)
         return out
@@ -311,6 +337,9 @@ class ShapesTrainer:
             optimizer.step()
             schedule.step()
             running += loss.item()
+            self.bar.set_description("train-shapes: vae", refresh=False)
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            self.bar.update()
             if step % cfg.log_every == 0 or step == cfg.vae_steps:
                 elapsed = time.perf_counter() - start
                 self.log(
@@ -335,6 +364,8 @@ class ShapesTrainer:
             pixels, samples = sample_batch(rng, min(256, cfg.pool_size - first))
             latents.append(vae.encode(torch.from_numpy(pixels)).latent_dist.mean)
             ids.extend(index[s.combination] for s in samples)
+            self.bar.set_description("train-shapes: encode pool", refresh=False)
+            self.bar.update()
         self.timings["pool_s"] = time.perf_counter() - start
         self.log(f"encoded {cfg.pool_size} images in {self.timings['pool_s']:.0f} s")
         return torch.cat(latents), torch.tensor(ids), captions
@@ -401,6 +432,9 @@ class ShapesTrainer:
                 self.on_unet_step(step, ema_text, ema_unet)
 
             running += loss.item()
+            self.bar.set_description("train-shapes: unet", refresh=False)
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            self.bar.update()
             if step % cfg.log_every == 0 or step == cfg.unet_steps:
                 elapsed = time.perf_counter() - start
                 self.log(

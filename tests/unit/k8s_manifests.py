@@ -8,6 +8,7 @@ k8s/ uses: `resources`, `components` and one `configMapGenerator` of files.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-SHARED = ROOT.parent / "shared"
+# What every developer and CI has at ../shared (a worktree elsewhere can name it).
+SHARED = Path(os.environ.get("BLOCKSERVE_SHARED_DIR") or ROOT.parent / "shared")
 DASHBOARD = K8S / "dashboards" / "blockserve.json"
 RAY_SERVE_METRICS = K8S / "ray_serve_metrics.txt"
 KUBERNETES_METRICS = K8S / "kubernetes_metrics.txt"

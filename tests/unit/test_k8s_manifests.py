@@ -67,7 +67,10 @@ def test_ray_pod_templates_are_valid_pod_specs(group):
 
 def _kuberay_schema() -> dict[str, Any]:
     if not KUBERAY_CRD.exists():
-        pytest.fail(f"KubeRay's CRD is missing: {KUBERAY_CRD} (see ../shared/schemas/README.md)")
+        # A clone with nothing beside it must pass `make test`; CI has ../shared, so it runs
+        # there (or point BLOCKSERVE_SHARED_DIR at a copy).
+        pytest.skip(f"KubeRay's CRD schema {KUBERAY_CRD} is missing: no ../shared beside "
+                    "this clone (set BLOCKSERVE_SHARED_DIR to check against it)")
     crd = yaml.safe_load(KUBERAY_CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]

@@ -219,3 +219,16 @@ def test_auto_offload_moves_models_per_block_under_a_budget(checkpoint, no_hub):
     loads = [r.component_id for r in manager.offload_log if r.is_load]
     assert loads == ["text_encoder_1", "vae_1", "text_encoder_1", "vae_1"]
     assert all(r.resident_bytes <= max(text_bytes, vae_bytes) + 1 for r in manager.offload_log)
+
+
+def test_loading_prints_nothing_unless_the_blocks_logger_is_at_debug(capfd):
+    # The committed shapes checkpoint: a transformers text encoder and diffusers models, the
+    # two libraries whose load-time chatter (a weight-loading bar per model, the accelerate
+    # hint, an empty float32-modules warning) used to fill every start's log.
+    shapes = Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes-sd"
+    capfd.readouterr()
+    pipe = ModularPipeline.from_pretrained(str(shapes))
+    pipe.load_components(dtype=torch.float32, device="cpu")
+    pipe.to("cpu")
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""

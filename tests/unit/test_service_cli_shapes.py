@@ -33,6 +33,29 @@ def toy_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_shapes_writes_a_checkpoint(toy_checkpoint: Path) -> None:
     assert (toy_checkpoint / "model_index.json").is_file()
     assert (toy_checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (toy_checkpoint.parent / f".{toy_checkpoint.name}.partial").exists()
+
+
+def test_an_interrupted_run_leaves_nothing_and_overwrite_replaces(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    out = tmp_path / "shapes"
+
+    def interrupt(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.ShapesTrainer, "_train_denoiser", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            training.train_shapes(out, vae_steps=1, unet_steps=1, progress=False,
+                                  **TINY_TRAINING)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # the rerun is not blocked
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        training.train_shapes(out, vae_steps=1, unet_steps=1, progress=False, **TINY_TRAINING)
+    training.train_shapes(out, vae_steps=1, unet_steps=1, progress=False, overwrite=True,
+                          **TINY_TRAINING)
+    assert (out / "model_index.json").is_file() and not (out / "old.txt").exists()
 
 
 def test_eval_shapes_exits_1_below_the_thresholds(toy_checkpoint: Path, tmp_path: Path,
@@ -63,6 +86,7 @@ DEMO_MODELS = "models:\n  demo: {family: demo}\n"
     ("args", "fragment"),
     [
         (["train-shapes", "{tmp}/full"], "OUT_DIR {tmp}/full must be missing or an empty"),
+        (["train-shapes", "{tmp}/full"], "--overwrite replaces it"),
         (["train-shapes", "{tmp}/new", "--vae-steps", "0"], "--vae-steps: must be >= 1"),
         (["train-shapes", "{tmp}/new", "--unet-steps", "many"], "--unet-steps: invalid"),
         (["train-shapes", "{tmp}/new", "--threads", "0"], "--threads: must be >= 1"),
