@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from blocks import ComponentsManager
+from service import __version__
 from service.context import ServiceContext
 from service.engine import BatchingEngine, Engine
 from service.errors import install_error_handlers
@@ -32,6 +33,7 @@ from service.routes import health as health_routes
 from service.routes import images as image_routes
 from service.routes import jobs as job_routes
 from service.routes import models as model_routes
+from service.routes.pages import install_pages
 from service.settings import Settings
 
 DESCRIPTION = (
@@ -93,8 +95,8 @@ def create_app(
         yield
         engine.stop()
 
-    app = FastAPI(title="blockserve", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = FastAPI(title="blockserve", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # offline: install_pages
     app.state.service = context
     app.state.placement = placement
     install_error_handlers(app)
@@ -102,6 +104,7 @@ def create_app(
     app.include_router(job_routes.router)
     app.include_router(model_routes.router)
     app.include_router(health_routes.router)
+    install_pages(app)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics)
     app.openapi = lambda: build_openapi(app, registry)  # type: ignore[method-assign]

@@ -32,7 +32,7 @@ import torch
 from blocks import GenerationCancelled
 from blocks.batch_invariance import batch_invariant
 from service.jobs import GenerationJob, GenerationResult
-from service.previews import latent_previews
+from service.latent_rgb import factors_for
 from service.registry import LoadedModel
 
 # (the jobs of the batch, the 0-based step just finished); may raise to fail the call.
@@ -94,9 +94,10 @@ def run_batch(
         members.append(_Member(job, offset))
         offset += job.n
     total_images = offset
-    factors = model.family.latent_rgb_factors
+    preview_map = None  # fitted on the model's VAE on the first preview (then cached)
 
     def on_step_end(step: int, _timestep: Any, block_state: Any) -> bool:
+        nonlocal preview_map
         timesteps = block_state.get("timesteps")
         total = len(timesteps) if timesteps is not None else jobs[0].steps
         if step_hook is not None:
@@ -118,10 +119,16 @@ def run_batch(
             previews = None
             if job.wants_preview is not None and job.wants_preview(step + 1, total):
                 if latents is None:
-                    latents = block_state.get("latents")
-                if isinstance(latents, torch.Tensor) and latents.shape[0] == total_images:
-                    previews = latent_previews(
-                        latents[member.offset : member.offset + job.n], factors)
+                    # The scheduler's estimate of the clean latents where it gives one: the
+                    # noisy latents still look like noise until late in the run.
+                    latents = block_state.get("denoised")
+                    if latents is None:
+                        latents = block_state.get("latents")
+                    preview_map = factors_for(model)
+                if (preview_map is not None and isinstance(latents, torch.Tensor)
+                        and latents.shape[0] == total_images):
+                    previews = preview_map.images(
+                        latents[member.offset : member.offset + job.n])
             job.listener.progress(step + 1, total, previews)
         return not running  # True stops the call: every member has stopped
 

@@ -8,6 +8,7 @@
     blockserve tiny-model sd OUT_DIR [--controlnet] [--depth] [--inpaint]
     blockserve tiny-model flux2-klein OUT_DIR [--base]
     blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
+                        [--overwrite]
                         train the tiny shapes SD model on the CPU (47 min at the defaults)
     blockserve eval-shapes [CHECKPOINT] [--prompts 50] [--steps N] [--guidance-scale G]
                         [--seed 0] [--grid grid.png] [--per-prompt] [--models FILE]
@@ -55,7 +56,10 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service import __version__
+
     parser = argparse.ArgumentParser(prog="blockserve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"blockserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run the built-in pure-tensor demo pipeline")
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stage 2 steps (default: the committed checkpoint's)")
     train.add_argument("--threads", type=_positive, default=1,
                        help="torch threads; the result depends on it (default 1)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace OUT_DIR's checkpoint once the new one is complete")
 
     evaluate = commands.add_parser(
         "eval-shapes", help="score a shapes checkpoint's prompt adherence"
@@ -186,13 +192,17 @@ def run_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     out = args.out_dir
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        parser.error(f"OUT_DIR {out} must be missing or an empty folder")
+    if out.exists() and not out.is_dir():
+        parser.error(f"OUT_DIR {out} is a file")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        parser.error(f"OUT_DIR {out} must be missing or an empty folder (--overwrite replaces "
+                     "it; an interrupted run leaves nothing there)")
     from blocks.shapes import training
 
     start = time.perf_counter()
     path = training.train_shapes(out, seed=args.seed, vae_steps=args.vae_steps,
-                                 unet_steps=args.unet_steps, threads=args.threads)
+                                 unet_steps=args.unet_steps, threads=args.threads,
+                                 overwrite=args.overwrite)
     print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)")
 
 
@@ -204,14 +214,17 @@ def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if not (checkpoint / "model_index.json").is_file():
         parser.error(f"CHECKPOINT {checkpoint} is not a checkpoint folder (no model_index.json)")
     from blocks.shapes import evaluation
+    from service.torch_threads import apply_torch_threads
 
+    apply_torch_threads()
     try:  # before loading anything, so a bad --prompts fails at once
         prompts = evaluation.evaluation_combinations(args.prompts)
     except ValueError as error:
         parser.error(f"--prompts {args.prompts}: {error}")
     options = {"steps": args.steps, "guidance_scale": args.guidance_scale}
     report = evaluation.evaluate_shapes(
-        checkpoint, prompts, seed=args.seed, **{k: v for k, v in options.items() if v is not None}
+        checkpoint, prompts, seed=args.seed, progress=True,
+        **{k: v for k, v in options.items() if v is not None}
     )
     print(evaluation.format_report(report, per_prompt=args.per_prompt))
     if args.grid is not None:
@@ -265,6 +278,9 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
         serve_ray(settings, args.ray_config, num_cpus=args.ray_num_cpus)
         return
+    from service.torch_threads import apply_torch_threads
+
+    apply_torch_threads(settings.workers, settings.torch_threads)
     app = create_app(settings, models)
     auth = "on" if settings.api_keys else "off"
     print(f"blockserve: serving {', '.join(models.models)} on "
@@ -292,9 +308,11 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     from service.image_io import decode_image, encode_image
     from service.registry import ModelRegistry
     from service.schemas import ImageEditRequest, ImageGenerationRequest
-    from service.validation import build_job, edit_workflow, resolve_model
+    from service.torch_threads import apply_torch_threads
+    from service.validation import build_job, edit_workflow, requested_size, resolve_model
 
-    _, models = _settings_and_models(args, parser)
+    settings, models = _settings_and_models(args, parser)
+    apply_torch_threads(1, settings.torch_threads)
     if args.mask is not None and args.image is None:
         parser.error("--mask needs --image")
     suffix = args.output.suffix.lower().lstrip(".") or "png"
@@ -313,6 +331,7 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     try:
         request = request_class(**fields, **edit_fields)
         name = resolve_model(registry, request.model)
+        requested_size(request.size, registry.config(name))  # before the model loads
         image = mask = None
         if args.image is not None:
             image = decode_image(_read(args.image, parser), "--image")

@@ -29,6 +29,7 @@ from service.errors import APIError
 from service.image_io import b64, encode_image, media_type
 from service.job_store import JobRecord
 from service.jobs import GenerationJob, GenerationResult, GenerationTimedOut
+from service.openai_options import end_user, prompt_tokens, quality_label, usage
 from service.registry import ModelNotReady
 from service.schemas import ImageRequestFields
 
@@ -79,11 +80,16 @@ async def images_response(ctx: ServiceContext, fields: ImageRequestFields, job: 
     """OpenAI's images response for `result` (encoding runs off the event loop)."""
     output_format = fields.output_format or "png"
 
-    def encode() -> list[bytes]:
-        return [encode_image(image, output_format, fields.output_compression)
-                for image in result.images]
+    def encode() -> tuple[list[bytes], int]:
+        encoded = [encode_image(image, output_format, fields.output_compression)
+                   for image in result.images]
+        try:
+            pipeline = ctx.registry.get(job.model).base
+        except Exception:  # unloaded meanwhile: count words instead
+            pipeline = None
+        return encoded, prompt_tokens(pipeline, job.prompt)
 
-    encoded = await run_in_threadpool(encode)
+    encoded, text_tokens = await run_in_threadpool(encode)
     data = []
     for blob, seed in zip(encoded, result.seeds, strict=True):
         if (fields.response_format or "b64_json") == "url":
@@ -94,9 +100,14 @@ async def images_response(ctx: ServiceContext, fields: ImageRequestFields, job: 
     ctx.metrics.images_generated.labels(job.model).inc(len(result.images))
     logger.info("request %s: %s %s n=%d %dx%d steps=%d seed=%d in %.2fs (batch of %d, user "
                 "%s)", request_id, job.model, job.workflow, job.n, job.width, job.height,
-                job.steps, job.seed, result.seconds, result.batch_size, fields.user or "-")
-    return {"created": int(time.time()), "data": data, "model": job.model,
-            "size": f"{job.width}x{job.height}", "output_format": output_format}
+                job.steps, job.seed, result.seconds, result.batch_size, end_user(fields) or "-")
+    response = {"created": int(time.time()), "data": data, "model": job.model,
+                "size": f"{job.width}x{job.height}", "output_format": output_format,
+                "quality": quality_label(fields.quality), "background": "opaque",
+                "usage": usage(text_tokens, job.input_images, len(result.images))}
+    if fields.safety_identifier:
+        response["safety_identifier"] = fields.safety_identifier
+    return response
 
 
 def track(ctx: ServiceContext, record: JobRecord, future: Future[GenerationResult],

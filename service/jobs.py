@@ -62,7 +62,8 @@ class GenerationJob:
     guidance_scale: float | None = None
     scheduler: str | None = None  # None: the checkpoint's
     strength: float | None = None
-    image: Image.Image | None = None
+    # One input image, or several reference images (image_conditioned workflows).
+    image: Image.Image | list[Image.Image] | None = None
     mask: Image.Image | None = None  # white = repaint
     listener: JobListener | None = None
     # (step, total) -> whether this step's progress should carry preview images.
@@ -72,6 +73,13 @@ class GenerationJob:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None  # CANCELLED or TIMEOUT, once stopped
+
+    @property
+    def input_images(self) -> int:
+        """How many input images the job has (0 for text-to-image)."""
+        if self.image is None:
+            return 0
+        return len(self.image) if isinstance(self.image, list) else 1
 
     @property
     def seeds(self) -> list[int]:

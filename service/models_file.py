@@ -16,6 +16,8 @@ by pydantic so a bad file fails at start with every problem named:
         max_batch_size: 8               # optional: most images per pipeline call for this
                                         # model (memory; 1 = never batch); default: the
                                         # BLOCKSERVE_MAX_BATCH_SIZE setting
+        aliases: [gpt-image-1]          # optional: other names requests may use (clients
+                                        # that hard-code a model name)
 
 The first model is the default for requests that name none. Only these models can ever be
 requested: a request never names a path or repo id. In `path`, `${VAR}` and `${VAR:-default}`
@@ -115,6 +117,17 @@ class ModelConfig(BaseModel):
         None, ge=1, le=256,
         description="Most images per pipeline call; None: the process setting; 1: no batching.",
     )
+    aliases: tuple[str, ...] = Field(
+        (), description="Other names requests may use for this model (e.g. gpt-image-1)."
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for alias in value:
+            if not re.match(MODEL_NAME_PATTERN, alias):
+                raise ValueError(f"alias {alias!r} must match {MODEL_NAME_PATTERN}")
+        return value
 
     @field_validator("sizes", mode="before")
     @classmethod
@@ -196,9 +209,33 @@ class ModelsFile(BaseModel):
             data = {**data, "models": models}
         return data
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelsFile:
+        owners: dict[str, str] = {name: name for name in self.models}
+        for name, config in self.models.items():
+            for alias in config.aliases:
+                if alias in owners:
+                    raise ValueError(f"models.{name}.aliases: {alias!r} already names "
+                                     f"{'a model' if owners[alias] == alias else 'an alias of'}"
+                                     f" {owners[alias]!r}")
+                owners[alias] = name
+        return self
+
     @property
     def default_model(self) -> str:
         return next(iter(self.models))
+
+    def resolve(self, name: str) -> str | None:
+        """The configured model `name` is, or an alias of; None when neither."""
+        if name in self.models:
+            return name
+        for model_name, config in self.models.items():
+            if name in config.aliases:
+                return model_name
+        return None
+
+    def names_and_aliases(self) -> list[str]:
+        return [*self.models, *(a for config in self.models.values() for a in config.aliases)]
 
 
 def parse_models(data: object, base_dir: Path, source: str = "models file") -> ModelsFile:

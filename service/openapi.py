@@ -15,7 +15,12 @@ from fastapi.openapi.utils import get_openapi
 
 from service.families import FAMILIES
 from service.registry import ModelRegistry
-from service.schemas import ImageEditRequest, ImageGenerationRequest, JobRequest
+from service.schemas import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageVariationRequest,
+    JobRequest,
+)
 
 _BINARY = {"type": "string", "format": "binary"}
 
@@ -34,22 +39,31 @@ def build_openapi(app: FastAPI, registry: ModelRegistry) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ImageGenerationRequest, ImageEditRequest, JobRequest):
+    for model in (ImageGenerationRequest, ImageEditRequest, ImageVariationRequest, JobRequest):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(body.pop("$defs", {}))
         schemas[model.__name__] = body
-    form = copy.deepcopy(schemas["ImageEditRequest"])
-    form["title"] = "ImageEditForm"
-    form["properties"]["image"] = {**_BINARY, "description": "The image to edit."}
-    form["properties"]["mask"] = {**_BINARY, "description": "Where to edit (transparent)."}
-    schemas["ImageEditForm"] = form
+    # The multipart forms: the JSON bodies with files where the images go.
+    for json_name, form_name in (("ImageEditRequest", "ImageEditForm"),
+                                 ("ImageVariationRequest", "ImageVariationForm")):
+        form = copy.deepcopy(schemas[json_name])
+        form["title"] = form_name
+        form["properties"].pop("images", None)
+        form["properties"]["image"] = {**_BINARY, "description": "The image (`image[]`, "
+                                       "repeated, for several reference images)."}
+        if "mask" in form["properties"]:
+            form["properties"]["mask"] = {**_BINARY, "description": "Where to edit "
+                                          "(transparent)."}
+        form["required"] = sorted({*form.get("required", []), "image"})
+        schemas[form_name] = form
 
     configs = [registry.config(name) for name in registry.names]
     sizes = [*sorted({size for c in configs for size in c.allowed_sizes}), "auto"]
     schedulers = sorted({s for c in configs for s in FAMILIES[c.family].schedulers})
-    for name in ("ImageGenerationRequest", "ImageEditRequest", "ImageEditForm", "JobRequest"):
+    for name in ("ImageGenerationRequest", "ImageEditRequest", "ImageEditForm",
+                 "ImageVariationRequest", "ImageVariationForm", "JobRequest"):
         properties = schemas[name]["properties"]
-        _restrict(properties["model"], registry.names)
+        _restrict(properties["model"], registry.models.names_and_aliases())
         _restrict(properties["size"], sizes)
         _restrict(properties["scheduler"], schedulers)
 

@@ -34,6 +34,7 @@ from blocks import ComponentsManager, ModularPipeline, ModularPipelineBlocks
 from service.block_timing import with_block_timing
 from service.block_tree import block_tree
 from service.families import FAMILIES, FamilySupport
+from service.latent_rgb import factors_for
 from service.models_file import ModelConfig, ModelsFile
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class ModelRegistry:
                 self._states[name] = FAILED
                 self._errors[name] = f"{type(error).__name__}: {error}"
             raise
+        factors_for(loaded)  # previews' latent -> RGB map, fitted on its VAE now, not mid-job
         with self._lock:
             self._loaded[name] = loaded
             self._states[name] = READY

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_PROMPT_CHARS = 32_000
 MAX_SEED = 2**63 - 1
+MAX_INPUT_IMAGES = 16  # OpenAI's bound on input images of one edit
 
 
 class ImageRequestFields(BaseModel):
@@ -45,9 +46,33 @@ class ImageRequestFields(BaseModel):
         None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(None, ge=0, le=100,
                                            description="jpeg/webp quality, 0-100.")
+    # OpenAI's options that are not pipeline inputs (`service.openai_options` says what each
+    # one does here). Values that mean "the default" are accepted silently; values no model
+    # here can serve get a 400 naming the field.
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = (
+        Field(None, description="Denoising steps, relative to the model's default: low = "
+              "half, auto/medium/standard = the default, high/hd = twice, xhigh = three "
+              "times, max = the model's max_steps (capped there). num_inference_steps wins."))
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto or opaque; these models draw opaque images (no alpha), so "
+                          "transparent is refused with a 400.")
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="Accepted; blockserve runs no content filter of its own.")
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="DALL-E 3's style hint: accepted and ignored (put style in the "
+                          "prompt).")
+    safety_identifier: str | None = Field(None, max_length=256,
+                                          description="An end-user id, for logs (wins over "
+                                                      "user); echoed in the response.")
+    complexity: str | None = Field(None, max_length=64, description="Not served: only null.")
+    frame_count: int | None = Field(None, description="GIF output is not served: only null.")
+    frame_duration_ms: int | None = Field(None, description="GIF output is not served: only "
+                                                            "null.")
+    svg: dict[str, Any] | None = Field(None, description="SVG output is not served: only null.")
 
     @field_validator("n", "num_inference_steps", "guidance_scale", "seed", "output_compression",
-                     "strength", "partial_images", mode="before", check_fields=False)
+                     "strength", "partial_images", "frame_count", "frame_duration_ms",
+                     mode="before", check_fields=False)
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any) -> Any:
         # Lax parsing (needed for multipart, where every field is a string) would read
@@ -80,14 +105,55 @@ class ImageGenerationRequest(StreamingFields, ImageRequestFields):
     """`POST /v1/images/generations` (JSON)."""
 
 
-class ImageEditRequest(StreamingFields, ImageRequestFields):
-    """`POST /v1/images/edits`: as multipart form (files) or JSON (base64 strings)."""
+class ImageReference(BaseModel):
+    """An input image in a JSON body, as OpenAI's images API sends it: exactly one of a
+    `data:image/...;base64,` URL or the id of a file this server made (`/v1/files/{id}`).
+    Remote URLs are never fetched."""
 
-    image: str = Field(min_length=1, description="The image to edit (base64 or data URL "
-                       "in JSON; a file in multipart).")
-    mask: str | None = Field(None, description="Where to edit: transparent (or white) areas.")
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(None, description="A data:image/...;base64, URL.")
+    file_id: str | None = Field(None, max_length=64,
+                                description="An image this server returned as a url.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageReference:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of image_url (a data: URL) or file_id")
+        return self
+
+
+class ImageInputFields(BaseModel):
+    """What requests with an input image add: how much of it to change."""
+
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
                                    description="Extension: how much to change the image.")
+
+
+class ImageEditRequest(StreamingFields, ImageInputFields, ImageRequestFields):
+    """`POST /v1/images/edits`: as multipart form (files) or JSON (base64 strings or OpenAI's
+    `images: [{image_url | file_id}]`)."""
+
+    image: str | None = Field(None, min_length=1, description="The image to edit (base64 or "
+                              "data URL in JSON; a file in multipart, `image[]` for several).")
+    images: list[ImageReference] | None = Field(
+        None, min_length=1, max_length=MAX_INPUT_IMAGES,
+        description="OpenAI's JSON form: input images (several only where the model takes "
+                    "reference images).")
+    mask: str | ImageReference | None = Field(
+        None, description="Where to edit: transparent (or white) areas.")
+    input_fidelity: Literal["high", "low"] | None = Field(
+        None, description="Accepted; these pipelines keep the input as `strength` says.")
+    markup: str | None = Field(None, description="Not served: only null.")
+
+
+class ImageVariationRequest(ImageInputFields, ImageRequestFields):
+    """`POST /v1/images/variations` (multipart): the image, redrawn by an image-to-image or
+    image-conditioned workflow. OpenAI's fields, plus the extensions; no prompt needed."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                        description="Extension: steer the variation (default: none).")
+    image: str = Field(min_length=1, description="The image (a file).")
 
 
 class JobRequest(ImageRequestFields):
@@ -106,12 +172,31 @@ class ImageData(BaseModel):
     seed: int = Field(description="The seed that reproduces this image (with n=1).")
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    """OpenAI's usage block. Prompt tokens are counted with the model's own tokenizer; an
+    input or output image counts as one image token."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     model: str
     size: str
     output_format: str
+    quality: str
+    background: str
+    usage: Usage
+    safety_identifier: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -121,6 +206,8 @@ class ModelCard(BaseModel):
     owned_by: str = "blockserve"
     family: str
     ready: bool
+    aliases: list[str] = Field(default_factory=list,
+                               description="Other names requests may use for this model.")
 
 
 class ModelList(BaseModel):

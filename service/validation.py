@@ -15,22 +15,33 @@ from PIL import Image
 from service.errors import APIError
 from service.image_io import as_rgb, mask_for_pipeline, resize_to
 from service.jobs import GenerationJob
-from service.models_file import parse_size
+from service.models_file import ModelConfig, parse_size
+from service.openai_options import check_options, steps_for
 from service.registry import FAILED, LoadedModel, ModelNotReady, ModelRegistry
-from service.schemas import ImageEditRequest, ImageRequestFields
+from service.schemas import (
+    MAX_INPUT_IMAGES,
+    ImageInputFields,
+    ImageRequestFields,
+    ImageVariationRequest,
+)
 
 EDIT_WORKFLOWS = ("image2image", "image_conditioned")  # without a mask, in preference order
 MASK_WORKFLOWS = ("inpaint",)
+# Workflows whose `image` input is a list of reference images; the others edit one image.
+MULTI_IMAGE_WORKFLOWS = ("image_conditioned",)
 
 
 def resolve_model(registry: ModelRegistry, name: str | None) -> str:
-    """The configured model a request names (default: the first); 404 names the others."""
+    """The configured model a request names, directly or by an alias (default: the first);
+    404 names the others."""
     if name is None:
         return registry.default_model
-    if name not in registry.names:
+    resolved = registry.models.resolve(name)
+    if resolved is None:
         raise APIError(404, f"model '{name}' is not served here; available: "
-                       f"{', '.join(registry.names)}", "model", "model_not_found")
-    return name
+                       f"{', '.join(registry.models.names_and_aliases())}", "model",
+                       "model_not_found")
+    return resolved
 
 
 def ready_model(registry: ModelRegistry, name: str) -> LoadedModel:
@@ -50,29 +61,39 @@ def _unsupported(model: LoadedModel, field: str, input_name: str) -> APIError:
                     f"'{input_name}' input)", field, "unsupported_parameter")
 
 
-def _size(request: ImageRequestFields, model: LoadedModel,
-          image: Image.Image | None) -> tuple[int, int]:
-    config = model.config
+def requested_size(size: str | None, config: ModelConfig) -> tuple[int, int] | None:
+    """(width, height) of an explicit `size`, checked against the model's allowed sizes
+    before anything is loaded; None for `auto` or no size."""
+    if size in (None, "auto"):
+        return None
     allowed = config.allowed_sizes
-    if request.size in (None, "auto"):
-        if image is not None and f"{image.width}x{image.height}" in allowed:
-            return image.width, image.height
-        return parse_size(config.defaults.size)
-    width, height = parse_size(request.size)
+    width, height = parse_size(size)
     factor = config.size_factor
     if width % factor or height % factor:
-        raise APIError(400, f"size '{request.size}': width and height must be multiples of "
-                       f"{factor} for model '{model.name}'; allowed sizes: {', '.join(allowed)}",
-                       "size", "invalid_size")
-    if request.size not in allowed:
-        raise APIError(400, f"size '{request.size}' is not allowed for model '{model.name}'; "
+        raise APIError(400, f"size '{size}': width and height must be multiples of "
+                       f"{factor} for model '{config.name}'; allowed sizes: "
+                       f"{', '.join(allowed)}", "size", "invalid_size")
+    if size not in allowed:
+        raise APIError(400, f"size '{size}' is not allowed for model '{config.name}'; "
                        f"allowed sizes: {', '.join(allowed)}", "size", "invalid_size")
     return width, height
 
 
+def _size(request: ImageRequestFields, model: LoadedModel,
+          image: Image.Image | None) -> tuple[int, int]:
+    config = model.config
+    explicit = requested_size(request.size, config)
+    if explicit is not None:
+        return explicit
+    if image is not None and f"{image.width}x{image.height}" in config.allowed_sizes:
+        return image.width, image.height
+    return parse_size(config.defaults.size)
+
+
 def _prompt(request: ImageRequestFields, model: LoadedModel) -> str:
     prompt = request.prompt
-    if not prompt.strip():
+    # A variation needs no prompt: the image says what to draw.
+    if not prompt.strip() and not isinstance(request, ImageVariationRequest):
         raise APIError(400, "'prompt' must not be empty or only whitespace", "prompt",
                        "invalid_value")
     limit = model.config.limits.max_prompt_length
@@ -87,11 +108,27 @@ def _prompt(request: ImageRequestFields, model: LoadedModel) -> str:
     return prompt
 
 
+def input_images(images: list[Image.Image], model: LoadedModel, workflow: str,
+                 field: str = "image") -> Image.Image | list[Image.Image]:
+    """The job's `image`: one image, or a list where the workflow takes reference images;
+    400 naming the limit otherwise."""
+    if len(images) == 1:
+        return images[0]
+    if workflow not in MULTI_IMAGE_WORKFLOWS:
+        raise APIError(400, f"model '{model.name}' takes one input image for {workflow}; got "
+                       f"{len(images)} (several reference images need a workflow of: "
+                       f"{', '.join(MULTI_IMAGE_WORKFLOWS)})", field, "too_many_images")
+    if len(images) > MAX_INPUT_IMAGES:
+        raise APIError(400, f"at most {MAX_INPUT_IMAGES} input images; got {len(images)}",
+                       field, "too_many_images")
+    return images
+
+
 def build_job(
     request: ImageRequestFields,
     model: LoadedModel,
     workflow: str = "text2image",
-    image: Image.Image | None = None,
+    image: Image.Image | list[Image.Image] | None = None,
     mask: Image.Image | None = None,
 ) -> GenerationJob:
     """A job for `request` on `model`, or an `APIError` naming the first bad field."""
@@ -99,6 +136,7 @@ def build_job(
     if workflow not in model.workflows:
         raise APIError(400, f"model '{model.name}' has no {workflow} workflow; available: "
                        f"{', '.join(model.workflows)}", None, "unsupported_workflow")
+    check_options(request, model.name)
     prompt = _prompt(request, model)
     n = request.n or 1
     if n > limits.max_n:
@@ -106,7 +144,7 @@ def build_job(
                        "n", "invalid_value")
     if n > 1 and not model.accepts("num_images_per_prompt"):
         raise _unsupported(model, "n", "num_images_per_prompt")
-    steps = request.num_inference_steps or config.defaults.steps
+    steps = steps_for(request, config)
     if steps > limits.max_steps:
         raise APIError(400, f"'num_inference_steps' is {steps}; model '{model.name}' allows "
                        f"1 to {limits.max_steps}", "num_inference_steps", "invalid_value")
@@ -128,25 +166,29 @@ def build_job(
                        f"'{model.name}'; available: {', '.join(model.schedulers)}",
                        "scheduler", "invalid_value")
     strength = None
-    if isinstance(request, ImageEditRequest) and workflow != "image_conditioned":
+    with_image = isinstance(request, ImageInputFields)
+    if with_image and workflow != "image_conditioned":
         strength = request.strength if request.strength is not None else config.defaults.strength
         if strength is not None and not model.accepts("strength"):
             raise _unsupported(model, "strength", "strength")
-    elif isinstance(request, ImageEditRequest) and request.strength is not None:
+    elif with_image and request.strength is not None:
         raise APIError(400, f"'strength' does not apply to model '{model.name}''s "
                        f"{workflow} workflow", "strength", "unsupported_parameter")
     if strength is not None and steps * strength < 1:
         raise APIError(400, f"num_inference_steps ({steps}) x strength ({strength}) must be at "
                        "least 1, or no denoising step would run", "strength", "invalid_value")
-    width, height = _size(request, model, image)
-    pipeline_image = pipeline_mask = None
-    if image is not None:
+    images = [] if image is None else image if isinstance(image, list) else [image]
+    width, height = _size(request, model, images[0] if images else None)
+    pipeline_image: Image.Image | list[Image.Image] | None = None
+    pipeline_mask = None
+    if images:
         if mask is not None:
-            pipeline_mask = resize_to(mask_for_pipeline(mask, image.size), width, height,
+            pipeline_mask = resize_to(mask_for_pipeline(mask, images[0].size), width, height,
                                       Image.NEAREST)
-        pipeline_image = as_rgb(image)
+        rgb = [as_rgb(each) for each in images]
         if workflow != "image_conditioned":  # a reference image keeps its own size
-            pipeline_image = resize_to(pipeline_image, width, height, Image.LANCZOS)
+            rgb = [resize_to(each, width, height, Image.LANCZOS) for each in rgb]
+        pipeline_image = input_images(rgb, model, workflow)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     return GenerationJob(
         model=model.name, workflow=workflow, prompt=prompt, n=n, width=width, height=height,

@@ -157,14 +157,20 @@ class StableDiffusionLoopAfterDenoiser(ModularPipelineBlocks):
         InputParam("generator", description="For schedulers that add noise while stepping."),
         InputParam("eta", float, default=0.0, description="DDIM's eta (0 = deterministic)."),
     ]
-    intermediate_outputs = [OutputParam("latents", torch.Tensor, "(B, c, h, w) less noisy.")]
+    intermediate_outputs = [
+        OutputParam("latents", torch.Tensor, "(B, c, h, w) less noisy."),
+        OutputParam("denoised", torch.Tensor, "(B, c, h, w) the scheduler's estimate of the "
+                    "clean latents at this step, for previews; None where it gives none."),
+    ]
 
     def __call__(self, components, block_state, i: int, t: torch.Tensor):
         scheduler = components.scheduler
         kwargs = extra_step_kwargs(scheduler, block_state.generator, block_state.eta)
-        block_state.latents = scheduler.step(
-            block_state.noise_pred, t, block_state.latents, **kwargs, return_dict=False
-        )[0]
+        output = scheduler.step(block_state.noise_pred, t, block_state.latents, **kwargs)
+        block_state.latents = output.prev_sample
+        # DDIM and Euler name it pred_original_sample, LCM denoised; DPM-Solver++ gives none.
+        block_state.denoised = getattr(output, "pred_original_sample",
+                                       getattr(output, "denoised", None))
         return components, block_state
 
 
@@ -194,6 +200,9 @@ class StableDiffusionInpaintLoopAfterDenoiser(StableDiffusionLoopAfterDenoiser):
             )
         mask = block_state.latent_mask
         block_state.latents = (1 - mask) * image_latents + mask * block_state.latents
+        if block_state.denoised is not None:  # the kept region, clean
+            block_state.denoised = ((1 - mask) * block_state.image_latents
+                                    + mask * block_state.denoised)
         return components, block_state
 
 

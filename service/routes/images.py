@@ -1,4 +1,5 @@
-"""`POST /v1/images/generations`, `POST /v1/images/edits` and `GET /v1/files/{id}`.
+"""`POST /v1/images/generations`, `/v1/images/edits`, `/v1/images/variations` and
+`GET /v1/files/{id}`.
 
 Request flow: content type and body → schema (`service.schemas`) → model and workflow →
 checks against the model and a job (`service.validation`) → the engine → encoded images, as
@@ -22,15 +23,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
-from starlette.datastructures import UploadFile
 
 from service.auth import require_api_key
 from service.context import ServiceContext, service_context
 from service.errors import APIError
 from service.generation import images_response, outcome_error, submit, track
-from service.image_io import b64, decode_base64_image, decode_image, encode_image
+from service.image_inputs import InputImages, form_images, json_images
+from service.image_io import b64, encode_image
 from service.job_store import JobRecord, follow
 from service.jobs import TIMEOUT, GenerationJob, GenerationResult
+from service.openai_options import quality_label
 from service.previews import scaled_preview
 from service.routes.request_bodies import (
     ERROR_RESPONSES,
@@ -44,7 +46,12 @@ from service.routes.request_bodies import (
     read_json,
     unsupported_media,
 )
-from service.schemas import ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from service.schemas import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+)
 from service.sse import (
     KEEPALIVE,
     KEEPALIVE_SECONDS,
@@ -58,9 +65,6 @@ from service.validation import build_job, edit_workflow
 logger = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.25
-# Streaming answers carry no token accounting: blockserve doesn't bill by tokens.
-_NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     200: {"description": "The images; with `stream: true`, server-sent events instead.",
@@ -147,33 +151,40 @@ async def _stream(ctx: ServiceContext, request: Request,
     future = submit(ctx, job)  # before the stream opens: a full queue is still a plain 429
     track(ctx, record, future, fields, file_url(request), request.state.request_id)
     output_format = fields.output_format or "png"
-    common = {"size": f"{job.width}x{job.height}", "quality": "auto", "background": "opaque",
-              "output_format": output_format}
+    common = {"size": f"{job.width}x{job.height}", "quality": quality_label(fields.quality),
+              "background": "opaque", "output_format": output_format}
 
     def encode_partials(images: tuple[Image.Image, ...]) -> list[str]:
         return [b64(encode_image(scaled_preview(image, job.width, job.height), output_format,
                                  fields.output_compression)) for image in images]
 
     async def events() -> AsyncIterator[bytes]:
-        sent_partials = 0
+        # `partial_image_index` counts every partial image of the stream, so each one has its
+        # own (OpenAI's clients key partials by it); `image_index` says whose it is.
+        sent_rounds = sent_images = 0
         try:
             async for event in follow(history, queue, idle_seconds=KEEPALIVE_SECONDS):
                 if event is None:
                     yield KEEPALIVE
-                elif event.type == "progress" and event.previews and sent_partials < partials:
+                elif event.type == "progress" and event.previews and sent_rounds < partials:
                     for index, data in enumerate(await run_in_threadpool(
                             encode_partials, event.previews)):
                         yield sse_event(f"{prefix}.partial_image", {
                             "type": f"{prefix}.partial_image", "b64_json": data,
                             "created_at": int(time.time()), **common,
-                            "partial_image_index": sent_partials, "image_index": index})
-                    sent_partials += 1
+                            "partial_image_index": sent_images, "image_index": index})
+                        sent_images += 1
+                    sent_rounds += 1
                 elif event.type == "completed":
-                    for index, item in enumerate(event.data["result"]["data"]):
+                    result = event.data["result"]
+                    for index, item in enumerate(result["data"]):
                         yield sse_event(f"{prefix}.completed", {
                             "type": f"{prefix}.completed", "b64_json": item["b64_json"],
-                            "created_at": int(time.time()), **common, "usage": _NO_USAGE,
-                            "image_index": index, "seed": item["seed"]})
+                            "created_at": int(time.time()), **common,
+                            "usage": result["usage"], "image_index": index,
+                            "seed": item["seed"],
+                            **({"safety_identifier": result["safety_identifier"]}
+                               if result.get("safety_identifier") else {})})
                 elif event.terminal:  # failed or cancelled
                     yield sse_event("error", {"type": "error", "error": event.data["error"]})
         finally:
@@ -204,55 +215,18 @@ async def create_images(
     return await _respond(ctx, request, fields, job, "image_generation")
 
 
-async def _edit_inputs(
-    request: Request,
-) -> tuple[ImageEditRequest, Image.Image, Image.Image | None]:
-    """(the fields, the decoded image, the decoded mask) from a multipart or JSON body."""
+async def _edit_inputs(ctx: ServiceContext,
+                       request: Request) -> tuple[ImageEditRequest, InputImages]:
+    """The fields and the decoded input images of a multipart or JSON edit body."""
     kind = content_type(request)
     if kind == JSON:
         fields = parse_body(ImageEditRequest, await read_json(request))
-        image = await run_in_threadpool(decode_base64_image, fields.image, "image")
-        mask = None
-        if fields.mask is not None:
-            mask = await run_in_threadpool(decode_base64_image, fields.mask, "mask")
-        return fields, image, mask
+        return fields, await json_images(ctx, fields)
     if kind != MULTIPART:
-        raise unsupported_media(f"{MULTIPART} (files) or {JSON} (base64)")
-    max_bytes = request.app.state.service.settings.max_body_bytes
-    try:
-        form = await request.form(max_files=4, max_fields=64, max_part_size=max_bytes)
-    except APIError:
-        raise
-    except Exception as error:  # python-multipart's errors: a malformed body
-        raise APIError(400, f"malformed multipart body: {error}", None,
-                       "invalid_multipart") from None
-    payload: dict[str, Any] = {}
-    files: dict[str, list[Any]] = {}
-    for key, value in form.multi_items():
-        name = key[:-2] if key.endswith("[]") else key  # OpenAI's client sends image[] lists
-        if isinstance(value, UploadFile) or name in ("image", "mask"):
-            files.setdefault(name, []).append(value)
-        else:
-            payload[name] = value
-    decoded: dict[str, Image.Image] = {}
-    for name, values in files.items():
-        if name not in ("image", "mask"):
-            raise APIError(400, f"unexpected file field '{name}'; files: image, mask", name,
-                           "unknown_parameter")
-        if len(values) != 1:
-            raise APIError(400, f"send exactly one '{name}', got {len(values)}", name,
-                           "invalid_value")
-        value = values[0]
-        if isinstance(value, UploadFile):
-            data = await value.read()
-            decoded[name] = await run_in_threadpool(decode_image, data, name)
-        else:
-            decoded[name] = await run_in_threadpool(decode_base64_image, value, name)
-        payload[name] = "(file)"
-    if "image" not in decoded:
-        raise APIError(400, "missing required parameter 'image' (a file)", "image",
-                       "missing_required_parameter")
-    return parse_body(ImageEditRequest, payload), decoded["image"], decoded.get("mask")
+        raise unsupported_media(f"{MULTIPART} (files) or {JSON} (base64 or image references)")
+    inputs = await form_images(request, ("image", "mask"))
+    fields = parse_body(ImageEditRequest, {**inputs.payload, "image": "(file)"})
+    return fields, inputs
 
 
 @router.post(
@@ -266,12 +240,39 @@ async def _edit_inputs(
 async def edit_images(
     request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
-    fields, image, mask = await _edit_inputs(request)
+    fields, inputs = await _edit_inputs(ctx, request)
     model = model_for(ctx, request, fields.model)
-    workflow = edit_workflow(model, mask is not None)
+    workflow = edit_workflow(model, inputs.mask is not None)
     request.state.workflow = workflow
-    job = await run_in_threadpool(build_job, fields, model, workflow, image, mask)
+    job = await run_in_threadpool(build_job, fields, model, workflow, inputs.images,
+                                  inputs.mask)
     return await _respond(ctx, request, fields, job, "image_edit")
+
+
+@router.post(
+    "/images/variations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    openapi_extra={"requestBody": {"required": True, "content": {
+        MULTIPART: {"schema": {"$ref": "#/components/schemas/ImageVariationForm"}}}}},
+    summary="Variations of an image (models with an image-to-image or image-conditioned "
+            "workflow)",
+)
+async def create_variations(
+    request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
+) -> Any:
+    if content_type(request) != MULTIPART:
+        raise unsupported_media(f"{MULTIPART} (OpenAI's form, with the image as a file)")
+    inputs = await form_images(request, ("image",))
+    fields = parse_body(ImageVariationRequest, {**inputs.payload, "image": "(file)"})
+    model = model_for(ctx, request, fields.model)
+    workflow = edit_workflow(model, has_mask=False)
+    request.state.workflow = workflow
+    job = await run_in_threadpool(build_job, fields, model, workflow, inputs.images)
+    result = await _wait(ctx, request, job)
+    return await images_response(ctx, fields, job, result, file_url(request),
+                                 request.state.request_id)
 
 
 @router.get(

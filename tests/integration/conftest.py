@@ -17,17 +17,22 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from openai.types import ImageModel
 
 API_KEY = "test-key-123"
 READY_TIMEOUT_S = 180.0
 MAX_BODY_BYTES = 1 << 20  # small, so the 413 tests send little
 
+# Every model name OpenAI's SDK knows is an alias of the demo model, as a deployment would
+# alias its own: clients that hard-code one (litellm, the SDK's examples) work unchanged.
+OPENAI_MODEL_NAMES = typing.get_args(ImageModel)
 DEMO_YAML = """
 models:
   demo:
@@ -35,7 +40,8 @@ models:
     defaults: {steps: 2, size: 32x32}
     sizes: [32x32, 64x64]
     limits: {max_steps: 8, max_n: 4, max_prompt_length: 200}
-"""
+    aliases: [ALIASES]
+""".replace("ALIASES", ", ".join(OPENAI_MODEL_NAMES))
 TINY_SD_YAML = """
   tiny-sd:
     family: sd

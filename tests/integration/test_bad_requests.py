@@ -92,7 +92,7 @@ CASES = [
          "output_format"),
     Case("unknown scheduler", GENERATIONS, _gen(prompt="x", scheduler="nope"), 400,
          "scheduler"),
-    Case("unknown field", GENERATIONS, _gen(prompt="x", quality="hd"), 400, "quality",
+    Case("unknown field", GENERATIONS, _gen(prompt="x", colour="red"), 400, "colour",
          code="unknown_parameter"),
     Case("negative prompt on a model without it", GENERATIONS,
          _gen(prompt="x", negative_prompt="blur"), 400, "negative_prompt"),

@@ -76,3 +76,42 @@ def test_an_invalid_models_file_exits_2(tmp_path, capsys):
         main(["models", "--models", str(bad)])
     assert exit_info.value.code == 2
     assert "models.m.family" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("blockserve ")
+
+
+def test_a_bad_size_is_refused_before_the_model_loads(tmp_path, capsys):
+    # A model whose checkpoint does not exist: loading it would fail, so exit 2 naming the
+    # size shows the size was checked first.
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  sd:\n    family: sd\n    path: {tmp_path}/missing\n"
+                      "    sizes: [64x64]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "red", "--models", str(models), "--size", "32x32",
+              "-o", str(tmp_path / "out.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "size '32x32' is not allowed" in err and "loading model" not in err
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "environ", "configured", "expected"),
+    [
+        (2, 1, {}, None, 1),  # one core stays free for everything else
+        (16, 1, {}, None, 15),
+        (16, 2, {}, None, 7),
+        (1, 1, {}, None, 1),
+        (16, 1, {"OMP_NUM_THREADS": "4"}, None, None),  # torch already reads it
+        (16, 1, {"OMP_NUM_THREADS": "4"}, 3, 3),  # BLOCKSERVE_TORCH_THREADS wins
+    ],
+)
+def test_default_torch_threads_leave_a_core_free(cores, workers, environ, configured,
+                                                 expected):
+    from service.torch_threads import default_torch_threads
+
+    assert default_torch_threads(workers, cores, environ, configured) == expected

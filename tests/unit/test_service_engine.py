@@ -21,8 +21,8 @@ from service.engine import BatchingEngine, EngineStopped, QueueFull
 from service.fault_injection import InjectedFault, fault_injection_hook
 from service.job_store import JobRecord, JobStore
 from service.jobs import TIMEOUT, GenerationJob, GenerationTimedOut
+from service.latent_rgb import PIXELS, LatentRGB
 from service.models_file import parse_models
-from service.previews import latent_previews
 from service.registry import ModelRegistry
 from service.routes.images import partial_steps
 
@@ -378,13 +378,12 @@ def test_partial_image_steps_are_spread_and_before_the_last():
 
 
 def test_latent_previews():
-    sd_factors = ((0.35, 0.23, 0.32), (0.33, 0.50, 0.24), (-0.28, 0.18, 0.27),
-                  (-0.21, -0.26, -0.72))
-    images = latent_previews(torch.zeros(2, 4, 8, 6), sd_factors)
+    weights = torch.tensor([[0.35, 0.23, 0.32], [0.33, 0.50, 0.24], [-0.28, 0.18, 0.27],
+                            [-0.21, -0.26, -0.72]])
+    images = LatentRGB(weights, torch.zeros(3)).images(torch.zeros(2, 4, 8, 6))
     assert [image.size for image in images] == [(6, 8), (6, 8)]
     assert images[0].getpixel((0, 0)) == (128, 128, 128)  # zero latents: mid grey
-    identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
-    assert latent_previews(red, identity)[0].getpixel((0, 0)) == (255, 0, 0)
-    assert latent_previews(torch.zeros(1, 16, 64), identity) is None  # packed tokens
-    assert latent_previews(torch.zeros(1, 16, 4, 4), identity) is None  # unknown channels
+    assert PIXELS.images(red)[0].getpixel((0, 0)) == (255, 0, 0)
+    assert PIXELS.images(torch.zeros(1, 16, 64)) is None  # packed tokens
+    assert PIXELS.images(torch.zeros(1, 16, 4, 4)) is None  # another channel count

@@ -130,7 +130,8 @@ def test_guidance_bounds_and_negative_prompt_length(inpainter):
         ({"response_format": "gif"}, "response_format"),
         ({"output_format": "bmp"}, "output_format"),
         ({"output_compression": 101}, "output_compression"),
-        ({"prompt": ""}, "prompt"), ({"quality": "hd"}, "quality"),
+        ({"prompt": ""}, "prompt"), ({"quality": "ultra"}, "quality"),
+            ({"background": "green"}, "background"), ({"frame_count": True}, "frame_count"),
     ],
 )
 def test_schema_errors_name_the_field(fields, param):
@@ -143,7 +144,7 @@ def test_schema_errors_name_the_field(fields, param):
 
 def test_unknown_fields_list_the_accepted_ones():
     with pytest.raises(ValidationError) as caught:
-        gen(style="vivid")
+        gen(colour="vivid")
     error = validation_error(caught.value, ImageGenerationRequest)
     assert error.code == "unknown_parameter"
     assert "negative_prompt" in error.message and "seed" in error.message
