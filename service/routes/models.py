@@ -29,6 +29,7 @@ def _card(ctx: ServiceContext, name: str) -> dict[str, Any]:
         "owned_by": "blockserve",
         "family": ctx.registry.config(name).family,
         "ready": ctx.registry.state(name) == READY,
+        "aliases": list(ctx.registry.config(name).aliases),
     }
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.integration.conftest import (
     API_KEY,
+    OPENAI_MODEL_NAMES,
     SERVES_TINY_FLUX,
     SERVES_TINY_SD,
     LiveServer,
@@ -158,6 +159,7 @@ def test_models_list_and_block_tree(server: LiveServer) -> None:
     with server.client() as http:
         detail = http.get("/v1/models/demo").json()
     assert detail["family"] == "demo"
+    assert detail["aliases"] == list(OPENAI_MODEL_NAMES)  # names hard-coded clients send
     assert detail["workflows"] == ["text2image", "image2image"]
     tree = detail["blocks"]
     assert [child["name"] for child in tree["sub_blocks"]] == ["text_encoder", "denoise",
