@@ -7,6 +7,8 @@
     blockserve demo "a red circle" -o out.png      run the built-in demo pipeline
     blockserve tiny-model sd OUT_DIR [--controlnet] [--depth] [--inpaint]
     blockserve tiny-model flux2-klein OUT_DIR [--base]
+                        a random-weight checkpoint; --size real [--device cuda]: the family's
+                        real architecture (SD 1.5, FLUX.2-klein-4B) in bfloat16, for GPU checks
     blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
                         [--overwrite]
                         train the tiny shapes SD model on the CPU (47 min at the defaults)
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--controlnet", action="store_true", help="sd: add a ControlNet")
     tiny.add_argument("--depth", action="store_true", help="sd: add a depth estimator")
     tiny.add_argument("--inpaint", action="store_true", help="sd: 9-channel inpainting UNet")
+    tiny.add_argument("--size", choices=["tiny", "real"], default="tiny",
+                      help="real: the family's published architecture (random weights, bfloat16)")
+    tiny.add_argument("--device", default="cpu",
+                      help="where the models are built (cuda: seconds instead of minutes at "
+                           "--size real); default cpu")
 
     # Defaults left as None are blocks.shapes' own (the committed checkpoint's), so they are
     # written down once and torch is not imported just to build this parser.
@@ -169,24 +176,36 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.family == "flux2-klein":
-        if args.controlnet or args.depth or args.inpaint:
-            parser.error("--controlnet, --depth and --inpaint apply to the sd family only")
-        from blocks.flux2.tiny_model import write_tiny_flux2_klein
+    import torch
 
-        path = write_tiny_flux2_klein(args.out_dir, base=args.base, seed=args.seed)
-    else:
-        if args.base:
-            parser.error("--base applies to the flux2-klein family only")
-        from blocks.stable_diffusion.tiny_model import write_tiny_sd
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    common = {"seed": args.seed, "size": args.size, "device": device}
+    try:
+        if args.family == "flux2-klein":
+            if args.controlnet or args.depth or args.inpaint:
+                parser.error("--controlnet, --depth and --inpaint apply to the sd family only")
+            from blocks.flux2.tiny_model import write_tiny_flux2_klein
 
-        path = write_tiny_sd(
-            args.out_dir,
-            controlnet=args.controlnet,
-            depth=args.depth,
-            inpaint=args.inpaint,
-            seed=args.seed,
-        )
+            path = write_tiny_flux2_klein(args.out_dir, base=args.base, **common)
+        else:
+            if args.base:
+                parser.error("--base applies to the flux2-klein family only")
+            from blocks.stable_diffusion.tiny_model import write_tiny_sd
+
+            path = write_tiny_sd(
+                args.out_dir,
+                controlnet=args.controlnet,
+                depth=args.depth,
+                inpaint=args.inpaint,
+                **common,
+            )
+    except ValueError as error:  # an option the size does not offer (e.g. sd --depth, real)
+        parser.error(f"--size {args.size}: {error}")
     print(f"wrote {path}")
 
 

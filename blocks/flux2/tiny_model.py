@@ -17,6 +17,12 @@ Sizes that the pipeline itself constrains:
 The tokenizer is a byte-level BPE trained offline on ``TINY_CORPUS`` and wrapped in the same
 ``Qwen2Tokenizer`` class (``Qwen2TokenizerFast`` is an alias of it) with Qwen3's special tokens
 and a Qwen3-style chat template, so nothing is ever downloaded.
+
+``size="real"`` writes FLUX.2-klein-4B's architecture instead, with random weights (bfloat16 by
+default): its transformer (5 double-stream and 20 single-stream blocks, 24 heads of 128), its
+32-channel VAE and Qwen3-4B as the text encoder (36 layers, width 2560, the full 151936-row
+embedding; the toy tokenizer's ids index it). ``device="cuda"`` builds them there, which takes
+seconds instead of a CPU's minutes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +46,12 @@ from tokenizers.trainers import BpeTrainer
 from transformers import AddedToken, Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from blocks.tiny_checkpoint import TINY_CORPUS, reseed_constant_tensors
+from blocks.tiny_checkpoint import (
+    TINY_CORPUS,
+    build_seeded,
+    check_size,
+    default_weight_dtype,
+)
 
 __all__ = ["write_tiny_flux2_klein"]
 
@@ -62,6 +74,77 @@ TRANSFORMER_HEAD_DIM = 16
 TRANSFORMER_AXES_DIMS_ROPE = (4, 4, 4, 4)  # (T, H, W, L) axes; must sum to the head dim
 
 BPE_VOCAB_SIZE = 512  # 256 byte symbols + merges; the corpus runs out of merges before this
+
+
+@dataclass(frozen=True)
+class Flux2KleinArchitecture:
+    """The widths and depths that differ between the tiny checkpoint and FLUX.2-klein-4B;
+    every switch that changes behaviour is the real model's in both."""
+
+    text_hidden_size: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_head_dim: int
+    text_intermediate_size: int
+    text_vocab_size: int | None  # None: the tokenizer's own vocabulary size
+    text_max_positions: int
+    transformer_layers: int
+    transformer_single_layers: int
+    transformer_heads: int
+    transformer_head_dim: int
+    transformer_axes_dims_rope: tuple[int, int, int, int]
+    vae_latent_channels: int
+    vae_block_out_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_norm_num_groups: int
+    vae_sample_size: int
+
+
+ARCHITECTURES: dict[str, Flux2KleinArchitecture] = {
+    "tiny": Flux2KleinArchitecture(
+        text_hidden_size=TEXT_HIDDEN_SIZE,
+        text_layers=TEXT_NUM_LAYERS,
+        text_heads=TEXT_NUM_HEADS,
+        text_kv_heads=TEXT_NUM_KV_HEADS,
+        text_head_dim=TEXT_HEAD_DIM,
+        text_intermediate_size=TEXT_INTERMEDIATE_SIZE,
+        text_vocab_size=None,
+        text_max_positions=TEXT_MAX_POSITIONS,
+        transformer_layers=1,
+        transformer_single_layers=1,
+        transformer_heads=TRANSFORMER_NUM_HEADS,
+        transformer_head_dim=TRANSFORMER_HEAD_DIM,
+        transformer_axes_dims_rope=TRANSFORMER_AXES_DIMS_ROPE,
+        vae_latent_channels=VAE_LATENT_CHANNELS,
+        vae_block_out_channels=VAE_BLOCK_OUT_CHANNELS,
+        vae_layers_per_block=1,
+        vae_norm_num_groups=4,
+        vae_sample_size=32,
+    ),
+    # black-forest-labs/FLUX.2-klein-4B's transformer and vae config.json; its text encoder is
+    # Qwen3-4B's architecture (Qwen/Qwen3-4B config.json).
+    "real": Flux2KleinArchitecture(
+        text_hidden_size=2560,
+        text_layers=36,
+        text_heads=32,
+        text_kv_heads=8,
+        text_head_dim=128,
+        text_intermediate_size=9728,
+        text_vocab_size=151936,
+        text_max_positions=40960,
+        transformer_layers=5,
+        transformer_single_layers=20,
+        transformer_heads=24,
+        transformer_head_dim=128,
+        transformer_axes_dims_rope=(32, 32, 32, 32),
+        vae_latent_channels=32,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_norm_num_groups=32,
+        vae_sample_size=1024,
+    ),
+}
 
 # Qwen3's added tokens, in Qwen3's order. ``special`` mirrors Qwen3's tokenizer_config.json:
 # <tool_call>, <think> and friends are added but *not* special, so decoding keeps them.
@@ -139,9 +222,19 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def write_tiny_flux2_klein(
-    out_dir: str | os.PathLike[str], *, base: bool = False, seed: int = 0
+    out_dir: str | os.PathLike[str],
+    *,
+    base: bool = False,
+    seed: int = 0,
+    size: str = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> pathlib.Path:
-    """Write a tiny random-weight FLUX.2 [klein] checkpoint to ``out_dir`` and return its path.
+    """Write a random-weight FLUX.2 [klein] checkpoint to ``out_dir`` and return its path.
+
+    ``size``: "tiny" (toy widths) or "real" (FLUX.2-klein-4B's architecture); ``device``: where
+    the models are built; ``dtype``: how the weights are saved (default float32 for tiny,
+    bfloat16 for real).
 
     ``base=False`` writes the step-distilled variant (``is_distilled: true`` in
     ``model_index.json``: the pipeline ignores guidance), ``base=True`` the undistilled base
@@ -149,17 +242,24 @@ def write_tiny_flux2_klein(
     whenever ``guidance_scale > 1``). The weights depend only on ``seed``, so two calls with
     the same arguments write byte-identical files.
     """
+    check_size(size)
+    arch = ARCHITECTURES[size]
+    dtype = dtype or default_weight_dtype(size)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
     # Seeds are offset per component so that changing one model's size never shifts another's
     # weights; the base variant shares the distilled variant's weights, only the flag differs.
-    # fork_rng keeps the caller's global torch RNG untouched by the manual_seed calls below.
-    with torch.random.fork_rng(devices=[]):
-        text_encoder = _build_text_encoder(tokenizer, seed + 1)
-        transformer = _build_transformer(seed + 2)
-        vae = _build_vae(seed + 3)
+    # fork_rng keeps the caller's global torch RNG (and the device's) untouched by the
+    # manual_seed calls below. Each model goes to the CPU in `dtype` before the next is built,
+    # so a GPU holds one real-size model at a time.
+    device = torch.device(device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type):
+        text_encoder = _build_text_encoder(tokenizer, seed + 1, arch, device).to("cpu", dtype)
+        transformer = _build_transformer(seed + 2, arch, device).to("cpu", dtype)
+        vae = _build_vae(seed + 3, arch, device).to("cpu", dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
 
     pipeline = Flux2KleinPipeline(
@@ -236,17 +336,19 @@ def _build_tokenizer() -> Qwen2TokenizerFast:
     return tokenizer
 
 
-def _build_text_encoder(tokenizer: Qwen2TokenizerFast, seed: int) -> Qwen3ForCausalLM:
+def _build_text_encoder(
+    tokenizer: Qwen2TokenizerFast, seed: int, arch: Flux2KleinArchitecture, device: torch.device
+) -> Qwen3ForCausalLM:
     config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=TEXT_INTERMEDIATE_SIZE,
-        num_hidden_layers=TEXT_NUM_LAYERS,
-        num_attention_heads=TEXT_NUM_HEADS,
-        num_key_value_heads=TEXT_NUM_KV_HEADS,
-        head_dim=TEXT_HEAD_DIM,
+        vocab_size=arch.text_vocab_size or len(tokenizer),
+        hidden_size=arch.text_hidden_size,
+        intermediate_size=arch.text_intermediate_size,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_kv_heads,
+        head_dim=arch.text_head_dim,
         hidden_act="silu",
-        max_position_embeddings=TEXT_MAX_POSITIONS,
+        max_position_embeddings=arch.text_max_positions,
         rms_norm_eps=1e-6,
         rope_theta=1_000_000.0,
         attention_bias=False,
@@ -255,59 +357,52 @@ def _build_text_encoder(tokenizer: Qwen2TokenizerFast, seed: int) -> Qwen3ForCau
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
-    reseed_constant_tensors(model, seed)
-    return model
+    return build_seeded(seed, lambda: Qwen3ForCausalLM(config), device)
 
 
-def _build_transformer(seed: int) -> Flux2Transformer2DModel:
-    torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(
+def _build_transformer(
+    seed: int, arch: Flux2KleinArchitecture, device: torch.device
+) -> Flux2Transformer2DModel:
+    return build_seeded(seed, lambda: Flux2Transformer2DModel(
         patch_size=1,
-        in_channels=4 * VAE_LATENT_CHANNELS,
+        in_channels=4 * arch.vae_latent_channels,
         out_channels=None,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=TRANSFORMER_HEAD_DIM,
-        num_attention_heads=TRANSFORMER_NUM_HEADS,
-        joint_attention_dim=3 * TEXT_HIDDEN_SIZE,
+        num_layers=arch.transformer_layers,
+        num_single_layers=arch.transformer_single_layers,
+        attention_head_dim=arch.transformer_head_dim,
+        num_attention_heads=arch.transformer_heads,
+        joint_attention_dim=3 * arch.text_hidden_size,
         timestep_guidance_channels=256,
         mlp_ratio=3.0,
-        axes_dims_rope=TRANSFORMER_AXES_DIMS_ROPE,
+        axes_dims_rope=arch.transformer_axes_dims_rope,
         rope_theta=2000,
         eps=1e-6,
         guidance_embeds=False,  # klein has no guidance embedding (distilled or not)
-    ).eval()
-    reseed_constant_tensors(model, seed)
-    return model
+    ), device)
 
 
-def _build_vae(seed: int) -> AutoencoderKLFlux2:
-    levels = len(VAE_BLOCK_OUT_CHANNELS)
-    torch.manual_seed(seed)
-    model = AutoencoderKLFlux2(
+def _build_vae(seed: int, arch: Flux2KleinArchitecture, device: torch.device) -> AutoencoderKLFlux2:
+    levels = len(arch.vae_block_out_channels)
+    # The latent batch-norm starts at mean 0 / var 1; build_seeded re-draws it, which makes the
+    # pipeline's (de)normalisation with its running stats observable in outputs.
+    return build_seeded(seed, lambda: AutoencoderKLFlux2(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=VAE_BLOCK_OUT_CHANNELS,
-        layers_per_block=1,
+        block_out_channels=arch.vae_block_out_channels,
+        layers_per_block=arch.vae_layers_per_block,
         act_fn="silu",
-        latent_channels=VAE_LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=32,
+        latent_channels=arch.vae_latent_channels,
+        norm_num_groups=arch.vae_norm_num_groups,
+        sample_size=arch.vae_sample_size,
         use_quant_conv=True,
         use_post_quant_conv=True,
         mid_block_add_attention=True,
         batch_norm_eps=1e-4,
         batch_norm_momentum=0.1,
         patch_size=(2, 2),
-    ).eval()
-    # The latent batch-norm starts at mean 0 / var 1; re-drawing makes the pipeline's
-    # (de)normalisation with its running stats observable in outputs.
-    reseed_constant_tensors(model, seed)
-    return model
+    ), device)
 
 
 def _normalise_model_index(path: pathlib.Path) -> None:

@@ -17,6 +17,10 @@ Optional extras:
   to ``DPTImageProcessorPil`` when torchvision is absent.
 - ``inpaint=True`` makes the UNet take 9 input channels (latents, mask, masked-image latents)
   and names ``StableDiffusionInpaintPipeline`` in ``model_index.json``.
+- ``size="real"`` writes SD 1.5's architecture instead (CLIP ViT-L/14 text tower, the 860M
+  UNet, the 84M VAE, ControlNet at UNet size) with random weights, in bfloat16 by default, for
+  GPU checks; the tokenizer stays the toy one (its ids index the full 49408-row embedding).
+  ``device="cuda"`` builds the models there, which takes seconds instead of a CPU's minutes.
 
 Same arguments, same bytes: every model is built under its own seed, and the tokenizer is
 trained by a small deterministic BPE trainer written here (see ``_train_bpe_merges`` for why not
@@ -30,13 +34,20 @@ import json
 import pathlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Regex, normalizers, pre_tokenizers
 
-from blocks.tiny_checkpoint import TINY_CORPUS, reseed_constant_tensors
+from blocks.tiny_checkpoint import (
+    TINY_CORPUS,
+    build_seeded,
+    check_size,
+    default_weight_dtype,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Sizes. The VAE has 3 levels, so diffusers derives vae_scale_factor = 2 ** (3 - 1) = 4: a 32x32
@@ -79,7 +90,65 @@ _END_OF_WORD = "</w>"
 _MAX_MERGES = 400
 _MIN_PAIR_COUNT = 2  # pairs seen once stay unmerged, so unseen words split into sub-words
 
-ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+@dataclass(frozen=True)
+class SDArchitecture:
+    """The widths and depths that differ between the tiny checkpoint and SD 1.5; every other
+    switch (activations, norms, attention layout, noise schedule) is SD 1.x's in both."""
+
+    text_hidden_size: int
+    text_layers: int
+    text_heads: int
+    text_intermediate_size: int
+    text_vocab_size: int | None  # None: the tokenizer's own vocabulary size
+    # One entry per UNet level; every level but the lowest has cross-attention, as in SD 1.x.
+    unet_block_out_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    attention_head_dim: int  # diffusers' SD 1.x quirk: the number of heads
+    unet_sample_size: int  # latent side of the default resolution
+    norm_num_groups: int
+    vae_block_out_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    controlnet_conditioning_channels: tuple[int, ...]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_block_out_channels) - 1)
+
+
+ARCHITECTURES: dict[str, SDArchitecture] = {
+    "tiny": SDArchitecture(
+        text_hidden_size=TEXT_HIDDEN_SIZE,
+        text_layers=TEXT_LAYERS,
+        text_heads=TEXT_HEADS,
+        text_intermediate_size=TEXT_INTERMEDIATE_SIZE,
+        text_vocab_size=None,
+        unet_block_out_channels=UNET_BLOCK_OUT_CHANNELS,
+        unet_layers_per_block=1,
+        attention_head_dim=ATTENTION_HEAD_DIM,
+        unet_sample_size=UNET_SAMPLE_SIZE,
+        norm_num_groups=NORM_NUM_GROUPS,
+        vae_block_out_channels=VAE_BLOCK_OUT_CHANNELS,
+        vae_layers_per_block=1,
+        controlnet_conditioning_channels=CONTROLNET_CONDITIONING_CHANNELS,
+    ),
+    # runwayml/stable-diffusion-v1-5: text_encoder, unet and vae config.json.
+    "real": SDArchitecture(
+        text_hidden_size=768,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate_size=3072,
+        text_vocab_size=49408,
+        unet_block_out_channels=(320, 640, 1280, 1280),
+        unet_layers_per_block=2,
+        attention_head_dim=8,
+        unet_sample_size=64,
+        norm_num_groups=32,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        controlnet_conditioning_channels=(16, 32, 96, 256),
+    ),
+}
 
 # Seed offsets per component: each model gets ``torch.manual_seed(seed + offset)``.
 _SEED_TEXT_ENCODER = 0
@@ -96,12 +165,22 @@ def write_tiny_sd(
     depth: bool = False,
     inpaint: bool = False,
     seed: int = 0,
+    size: str = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> pathlib.Path:
-    """Write a tiny random-weight SD 1.x checkpoint to ``out_dir`` and return its path.
+    """Write a random-weight SD 1.x checkpoint to ``out_dir`` and return its path.
 
-    ``out_dir`` must be missing or empty, so a stale component can never survive a rewrite.
-    The same arguments always produce byte-identical files.
+    ``size``: "tiny" (toy widths) or "real" (SD 1.5's architecture); ``device``: where the
+    models are built; ``dtype``: how the weights are saved (default float32 for tiny, bfloat16
+    for real). ``out_dir`` must be missing or empty, so a stale component can never survive a
+    rewrite. The same arguments always produce byte-identical files.
     """
+    check_size(size)
+    if depth and size != "tiny":
+        raise ValueError("depth: the depth estimator exists at size 'tiny' only")
+    arch = ARCHITECTURES[size]
+    dtype = dtype or default_weight_dtype(size)
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
@@ -109,12 +188,21 @@ def write_tiny_sd(
 
     vocab, merges = _build_clip_vocab()
     _write_tokenizer(out / "tokenizer", vocab, merges)
-    _write_text_encoder(out / "text_encoder", vocab, seed + _SEED_TEXT_ENCODER)
-    _write_unet(out / "unet", in_channels=9 if inpaint else 4, seed=seed + _SEED_UNET)
-    _write_vae(out / "vae", seed + _SEED_VAE)
+
+    def save(folder: str, seed: int, make: Callable[[], torch.nn.Module]) -> None:
+        # One model at a time, on the CPU in `dtype` before the next is built.
+        build_seeded(seed, make, device).to("cpu", dtype).save_pretrained(
+            out / folder, safe_serialization=True)
+
+    save("text_encoder", seed + _SEED_TEXT_ENCODER, text_encoder_model(arch, vocab))
+    _rename_text_encoder_weights(out / "text_encoder")
+    save("unet", seed + _SEED_UNET, unet_model(arch, in_channels=9 if inpaint else 4))
+    save("vae", seed + _SEED_VAE, vae_model(arch))
     _write_scheduler(out / "scheduler")
     if controlnet:
-        _write_controlnet(out / "controlnet", seed + _SEED_CONTROLNET)
+        # build_seeded's re-draw also wakes up the zero-initialised convs (controlnet_down_blocks,
+        # controlnet_mid_block, controlnet_cond_embedding.conv_out): the residuals are non-zero.
+        save("controlnet", seed + _SEED_CONTROLNET, controlnet_model(arch))
     if depth:
         _write_depth(out / "depth_processor", seed + _SEED_DEPTH)
     write_sd_model_index(
@@ -251,51 +339,55 @@ def _write_tokenizer(
 # ---------------------------------------------------------------------------------------------
 
 
-def _seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
-    """Build a model under ``seed`` and re-draw its constant tensors (norm scales, biases)."""
-    torch.manual_seed(seed)
-    model = build()
-    reseed_constant_tensors(model, seed)
-    return model.eval()
+# Each returns the constructor call `build_seeded` runs (on any device, "meta" included).
 
 
-def _write_text_encoder(folder: pathlib.Path, vocab: dict[str, int], seed: int) -> None:
+def text_encoder_model(arch: SDArchitecture, vocab: dict[str, int]) -> Callable[[], Any]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=TEXT_INTERMEDIATE_SIZE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
+        vocab_size=arch.text_vocab_size or len(vocab),
+        hidden_size=arch.text_hidden_size,
+        intermediate_size=arch.text_intermediate_size,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
         max_position_embeddings=MODEL_MAX_LENGTH,
         hidden_act="quick_gelu",  # CLIP ViT-L/14's text tower, as in SD 1.x
         layer_norm_eps=1e-5,
-        projection_dim=TEXT_HIDDEN_SIZE,
+        projection_dim=arch.text_hidden_size,
         # The real ids (SD 1.x's config says 0/2, which makes CLIP pool at argmax(input_ids)).
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[EOS_TOKEN],
     )
-    model = _seeded(seed, lambda: CLIPTextModel(config))
-    model.save_pretrained(folder, safe_serialization=True)
-    # Real SD checkpoints name the weights "text_model.embeddings...", as CLIPTextModel did before
-    # transformers 5 flattened it. transformers 5 still loads that layout (it strips the prefix),
-    # but saves a freshly built model without it; rewrite the weights in the hub layout so that
-    # loaders meet the key names real checkpoints have.
-    state = {f"text_model.{name}": tensor for name, tensor in model.state_dict().items()}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return lambda: CLIPTextModel(config)
 
 
-def _unet_like_kwargs() -> dict[str, Any]:
+def _rename_text_encoder_weights(folder: pathlib.Path) -> None:
+    """Real SD checkpoints name the weights "text_model.embeddings...", as CLIPTextModel did
+    before transformers 5 flattened it. transformers 5 still loads that layout (it strips the
+    prefix) but saves a fresh model without it; rewrite the weights in the hub layout so that
+    loaders meet the key names real checkpoints have."""
+    weights = folder / "model.safetensors"
+    renamed = folder / "model.safetensors.renamed"
+    # Written beside and moved over: the tensors read may be views of the old file's pages.
+    with safe_open(weights, framework="pt") as handle:
+        state = {f"text_model.{name}": handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        save_file(state, renamed, metadata={"format": "pt"})
+    renamed.replace(weights)
+
+
+def _unet_like_kwargs(arch: SDArchitecture) -> dict[str, Any]:
     """Architecture arguments the UNet and its ControlNet must share."""
+    levels = len(arch.unet_block_out_channels)
     return {
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "block_out_channels": UNET_BLOCK_OUT_CHANNELS,
-        "layers_per_block": 1,
-        "cross_attention_dim": TEXT_HIDDEN_SIZE,
-        "attention_head_dim": ATTENTION_HEAD_DIM,
-        "norm_num_groups": NORM_NUM_GROUPS,
+        # Mirrors SD 1.x: attention at the high-resolution levels, none at the lowest.
+        "down_block_types": ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        "block_out_channels": arch.unet_block_out_channels,
+        "layers_per_block": arch.unet_layers_per_block,
+        "cross_attention_dim": arch.text_hidden_size,
+        "attention_head_dim": arch.attention_head_dim,
+        "norm_num_groups": arch.norm_num_groups,
         "norm_eps": 1e-5,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
@@ -303,58 +395,46 @@ def _unet_like_kwargs() -> dict[str, Any]:
     }
 
 
-def _write_unet(folder: pathlib.Path, *, in_channels: int, seed: int) -> None:
+def unet_model(arch: SDArchitecture, in_channels: int = 4) -> Callable[[], Any]:
     from diffusers import UNet2DConditionModel
 
-    def build() -> UNet2DConditionModel:
-        return UNet2DConditionModel(
-            sample_size=UNET_SAMPLE_SIZE,
-            in_channels=in_channels,
-            out_channels=4,
-            # Mirrors SD 1.x: attention at the high-resolution levels, none at the lowest.
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            **_unet_like_kwargs(),
-        )
-
-    _seeded(seed, build).save_pretrained(folder, safe_serialization=True)
+    levels = len(arch.unet_block_out_channels)
+    return lambda: UNet2DConditionModel(
+        sample_size=arch.unet_sample_size,
+        in_channels=in_channels,
+        out_channels=4,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        **_unet_like_kwargs(arch),
+    )
 
 
-def _write_vae(folder: pathlib.Path, seed: int) -> None:
+def vae_model(arch: SDArchitecture) -> Callable[[], Any]:
     from diffusers import AutoencoderKL
 
-    levels = len(VAE_BLOCK_OUT_CHANNELS)
-
-    def build() -> AutoencoderKL:
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=VAE_BLOCK_OUT_CHANNELS,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=NORM_NUM_GROUPS,
-            sample_size=UNET_SAMPLE_SIZE * VAE_SCALE_FACTOR,
-            scaling_factor=VAE_SCALING_FACTOR,
-        )
-
-    _seeded(seed, build).save_pretrained(folder, safe_serialization=True)
+    levels = len(arch.vae_block_out_channels)
+    return lambda: AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=arch.vae_block_out_channels,
+        layers_per_block=arch.vae_layers_per_block,
+        latent_channels=4,
+        norm_num_groups=arch.norm_num_groups,
+        sample_size=arch.unet_sample_size * arch.vae_scale_factor,
+        scaling_factor=VAE_SCALING_FACTOR,
+    )
 
 
-def _write_controlnet(folder: pathlib.Path, seed: int) -> None:
+def controlnet_model(arch: SDArchitecture) -> Callable[[], Any]:
     from diffusers import ControlNetModel
 
-    def build() -> ControlNetModel:
-        return ControlNetModel(
-            in_channels=4,
-            conditioning_channels=3,
-            conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS,
-            **_unet_like_kwargs(),
-        )
-
-    # reseed_constant_tensors also wakes up the zero-initialised convs (controlnet_down_blocks,
-    # controlnet_mid_block, controlnet_cond_embedding.conv_out), so the residuals are non-zero.
-    _seeded(seed, build).save_pretrained(folder, safe_serialization=True)
+    return lambda: ControlNetModel(
+        in_channels=4,
+        conditioning_channels=3,
+        conditioning_embedding_out_channels=arch.controlnet_conditioning_channels,
+        **_unet_like_kwargs(arch),
+    )
 
 
 def _write_depth(folder: pathlib.Path, seed: int) -> None:
@@ -382,7 +462,7 @@ def _write_depth(folder: pathlib.Path, seed: int) -> None:
         depth_estimation_type="relative",
         initializer_range=DEPTH_INIT_RANGE,
     )
-    model = _seeded(seed, lambda: DepthAnythingForDepthEstimation(config))
+    model = build_seeded(seed, lambda: DepthAnythingForDepthEstimation(config))
     _calibrate_depth_head(model, seed)
     model.save_pretrained(folder, safe_serialization=True)
     # Depth Anything's own preprocessing, scaled down: keep the aspect ratio, snap to a
