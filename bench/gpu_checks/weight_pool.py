@@ -85,9 +85,11 @@ def check_weight_pool(checkpoint: Path, dtype: str, device: torch.device, latent
     gpu = device.type == "cuda"
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    start = time.monotonic()
     ray.init(num_cpus=max(2, replicas), num_gpus=1 if gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
+    log(f"  ray started in {time.monotonic() - start:.1f}s")
     actors: list[Any] = []
     try:
         cls = _replica_class()
@@ -96,6 +98,8 @@ def check_weight_pool(checkpoint: Path, dtype: str, device: torch.device, latent
             f"gpu-check-replica-{i}", idle_offload_s, heartbeat_s) for i in range(replicas)]
         loaded = ray.get([a.load.remote(str(checkpoint), "vae", dtype, str(device))
                           for a in actors])
+        log(f"  {replicas} replicas built the VAE from the pool at "
+            f"{time.monotonic() - start:.1f}s")
         latents = torch.randn(1, 4, latent_side, latent_side,
                               generator=torch.Generator().manual_seed(0))
         first = ray.get([a.decode.remote(latents) for a in actors])
