@@ -62,7 +62,8 @@ gpu-check:
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
 # ray (for the weight_pool check) is left out: its wheel alone is ~80 MB.
 GPU_WHEEL_PACKAGES = diffusers fastapi starlette pydantic pydantic-core annotated-types \
-	annotated-doc typing-inspection typing-extensions opentelemetry-api python-multipart
+	annotated-doc typing-inspection typing-extensions opentelemetry-api python-multipart \
+	fastapi-offline
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

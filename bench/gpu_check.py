@@ -56,7 +56,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 from gpu_checks.engine import check_alone, check_throughput  # noqa: E402
-from gpu_checks.environment import check_environment, describe  # noqa: E402
+from gpu_checks.environment import (  # noqa: E402
+    check_environment,
+    describe,
+    imported_distributions,
+)
 from gpu_checks.memory import check_oom_retry  # noqa: E402
 from gpu_checks.pipelines import FamilyPlan, FamilyRun  # noqa: E402
 from gpu_checks.runner import Budget, Check, Outcome, Report, Runner, log  # noqa: E402
@@ -212,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                                                           else sys.argv[1:])]),
         "environment": describe(args.device)})
     checks = build_checks(args, budget)
-    return Runner(budget, report, args.grace_s).run(checks)
+    code = Runner(budget, report, args.grace_s).run(checks)
+    report.meta["imported_distributions"] = imported_distributions()
+    report.write("finished", code)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -59,3 +60,12 @@ def check_environment(device: torch.device) -> Outcome:
         summary = (f"CPU ({info['cpu_cores']} cores, {info['torch_threads']} torch threads), "
                    f"torch {info['torch']}, diffusers {info['diffusers']}")
     return Outcome(summary, info)
+
+
+def imported_distributions() -> list[str]:
+    """The installed distributions whose modules this process has imported, by name: what a
+    machine needs to run what ran (a bare GPU image lacks some; see `make gpu-wheels`)."""
+    owners = metadata.packages_distributions()
+    top_level = {name.partition(".")[0] for name in list(sys.modules)}
+    return sorted({dist for name in top_level for dist in owners.get(name, ())},
+                  key=str.lower)
