@@ -185,7 +185,7 @@ def build_checks(args: argparse.Namespace, budget: Budget) -> list[Check]:
 
     checks = [
         Check("environment", lambda: check_environment(device)),
-        Check("oom_retry", lambda: check_oom_retry(device, 4 if args.smoke else 256)),
+        Check("oom_retry", lambda: check_oom_retry(device, 4 if args.smoke else 512)),
         *family_checks(sd, scaled(MIN_SECONDS), release()),
         Check("weight_pool", lambda: check_weight_pool(
             sd.checkpoint, sd.plan.dtypes[0], device,

@@ -177,10 +177,12 @@ class _RefusingLinear(torch.nn.Linear):
     """A real Linear (one weight tensor, so a move is all or nothing) whose next `refusals`
     moves raise as a full GPU does; 0 on CUDA, where the allocator decides."""
 
-    def __init__(self, nbytes: int, seed: int) -> None:
+    def __init__(self, nbytes: int, value: float) -> None:
         super().__init__(4096, max(1, nbytes // (4 * 4096)), bias=False)
         with torch.no_grad():
-            self.weight.normal_(generator=torch.Generator().manual_seed(seed))
+            # Distinct constants: equal weights would be one shared entry in the manager; and
+            # filling is instant where drawing GiBs of random numbers takes seconds.
+            self.weight.fill_(value)
         self.refusals = 0
 
     def to(self, *args: Any, **kwargs: Any) -> _RefusingLinear:
@@ -202,12 +204,12 @@ class _CudaBallast:
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(self.device)[0]
         take = free - leave
-        for _ in range(32):  # the driver keeps a little for itself: step down until it fits
+        for _ in range(64):  # the driver keeps a little for itself: step down until it fits
             try:
                 self.tensor = torch.empty(take, dtype=torch.uint8, device=self.device)
                 break
             except torch.OutOfMemoryError:
-                take -= 64 * MIB
+                take -= 8 * MIB
         if self.tensor is None:
             raise RuntimeError(f"could not allocate a ballast of {take / MIB:.0f} MiB")
         return take
@@ -221,8 +223,9 @@ def check_oom_retry(device: torch.device, module_mib: int) -> Outcome:
     """A retry that succeeds after offloading an idle module, then one that rolls back."""
     size = module_mib * MIB
     manager = ComponentsManager()
-    modules = {name: _RefusingLinear(nbytes, seed) for name, nbytes, seed in
-               (("idle", size, 1), ("fits_after_retry", size, 2), ("never_fits", 2 * size, 3))}
+    modules = {name: _RefusingLinear(nbytes, value) for name, nbytes, value in
+               (("idle", size, 1e-3), ("fits_after_retry", size, 2e-3),
+                ("never_fits", 2 * size, 3e-3))}
     ids = {name: manager.add(name, module) for name, module in modules.items()}
     # The manager's estimate says "plenty" (a huge budget, and on CUDA a free-memory query
     # that overstates): only a real allocation failure can stop a move.
