@@ -34,6 +34,7 @@ from blocks.loading import (
     load_component,
     read_index,
 )
+from blocks.lora.pipeline_methods import LoraPipelineMixin
 from blocks.specs import ComponentSpec
 from blocks.state import PipelineState
 
@@ -43,8 +44,11 @@ DtypeArg = torch.dtype | dict[str, torch.dtype] | None
 StepCallback = Callable[[int, Any, Any], bool | None]
 
 
-class ModularPipeline:
-    """Runs a copy of `blocks` with components loaded from a checkpoint or set by hand."""
+class ModularPipeline(LoraPipelineMixin):
+    """Runs a copy of `blocks` with components loaded from a checkpoint or set by hand.
+
+    LoRA adapters load and combine as in diffusers (`load_lora_weights`, `set_adapters`,
+    `fuse_lora`, ...: `blocks.lora.pipeline_methods`)."""
 
     def __init__(
         self,

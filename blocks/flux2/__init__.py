@@ -5,6 +5,8 @@ The tiny random-weight checkpoint factory lives in `blocks.flux2.tiny_model` and
 imported here: it needs diffusers' pipeline classes, which product code never imports.
 """
 
+from diffusers import Flux2Transformer2DModel
+
 from blocks.families import register_blocks_class, register_family
 from blocks.flux2.before_denoise import (
     Flux2KleinPrepareImageLatentsStep,
@@ -23,6 +25,7 @@ from blocks.flux2.encoders import (
     Flux2KleinTextEncoderStep,
     Flux2KleinVaeEncodeStep,
 )
+from blocks.flux2.lora_names import bfl_module_names
 from blocks.flux2.modular_blocks import (
     Flux2KleinAutoBlocks,
     Flux2KleinAutoDenoiseStep,
@@ -31,9 +34,11 @@ from blocks.flux2.modular_blocks import (
     Flux2KleinText2ImageDenoiseStep,
     Flux2KleinVaeEncoderStep,
 )
+from blocks.lora import register_module_names
 
 register_blocks_class(Flux2KleinAutoBlocks)
 register_family(("Flux2KleinPipeline",), lambda index: Flux2KleinAutoBlocks())
+register_module_names(Flux2Transformer2DModel, bfl_module_names)  # kohya LoRA files
 
 __all__ = [
     "Flux2KleinAutoBlocks",
