@@ -11,13 +11,14 @@
 Not handled here: which adapters a server allows, loads or evicts (`service.loras`).
 """
 
-from blocks.lora.files import LoraFileError, read_lora_file, write_lora_file
+from blocks.lora.files import LoraFile, LoraFileError, read_lora_file, write_lora_file
 from blocks.lora.keys import ModuleLora, lora_target_modules, parse_lora, register_module_names
 from blocks.lora.layers import model_loras
 from blocks.lora.selection import AdapterSet, adapters_for_call, adapters_per_sample
 
 __all__ = [
     "AdapterSet",
+    "LoraFile",
     "LoraFileError",
     "ModuleLora",
     "adapters_for_call",

@@ -73,12 +73,15 @@ class AdaptedModule:
         self.adapters = {**self.adapters, name: moved}
         return moved
 
-    def _delta(self, lora: ModuleLora, x: torch.Tensor) -> torch.Tensor:
-        """up(down(x)), unscaled."""
+    def _down(self, lora: ModuleLora, x: torch.Tensor) -> torch.Tensor:
+        """down(x): the rank-r intermediate, (N, ..., r) or (N, r, H, W)."""
         if self.conv is None:
-            return F.linear(F.linear(x, lora.down), lora.up)
+            return F.linear(x, lora.down)
         stride, padding, dilation = self.conv
-        return F.conv2d(F.conv2d(x, lora.down, None, stride, padding, dilation), lora.up)
+        return F.conv2d(x, lora.down, None, stride, padding, dilation)
+
+    def _up(self, lora: ModuleLora, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, lora.up) if self.conv is None else F.conv2d(h, lora.up)
 
     def delta_weight(self, lora: ModuleLora) -> torch.Tensor:
         """The adapter's update of the base weight, unscaled: up @ down in the weight's shape."""
@@ -94,9 +97,11 @@ class AdaptedModule:
         if not adapters or self.fused:
             return None
         x = args[0] if args else kwargs["input"]
+        # In place where nothing records the graph (serving); out of place when training.
+        in_place = not (torch.is_grad_enabled() and (output.requires_grad or x.requires_grad))
         rows = current_rows()
         if rows is not None:
-            return self._per_sample(x, output, rows, adapters)
+            return self._per_sample(x, output, rows, adapters, in_place)
         chosen = current_call_adapters()
         if chosen is None:
             if not self.owner.enabled:
@@ -108,29 +113,34 @@ class AdaptedModule:
             if lora is None:
                 continue
             lora = self._ready(name, lora)
-            out = out + self._delta(lora, x) * (lora.scaling * scale)
+            # The scale multiplies the rank-r intermediate: r values per row, not out_features.
+            delta = self._up(lora, self._down(lora, x) * (lora.scaling * scale))
+            out = out.add_(delta) if in_place else out + delta
         return out
 
     def _per_sample(self, x: torch.Tensor, output: torch.Tensor, rows: RowAdapters,
-                    adapters: dict[str, ModuleLora]) -> torch.Tensor:
+                    adapters: dict[str, ModuleLora], in_place: bool) -> torch.Tensor:
         if x.shape[0] != rows.rows:
             raise ValueError(
                 f"LoRA on {self.owner.name}.{self.path}: a batch of {x.shape[0]} rows, but "
                 f"adapters were given per sample for {rows.rows}"
             )
         out = output
-        for name, (_, scales) in rows.groups.items():
+        for name in rows.groups:
             lora = adapters.get(name)
             if lora is None:
                 continue
             lora = self._ready(name, lora)
             index = rows.index(name, x.device)
             part = x if index is None else x.index_select(0, index)
-            delta = self._delta(lora, part.contiguous())
-            # float64 product, one cast: the same number as `delta * (scaling * scale)`.
-            scale = (scales * lora.scaling).to(delta.device, delta.dtype)
-            delta = delta * scale.reshape(-1, *([1] * (delta.dim() - 1)))
-            out = out + delta if index is None else out.index_add(0, index, delta)
+            h = self._down(lora, part.contiguous())
+            h = h * rows.scales(name, lora.scaling, h.dim(), h.dtype, h.device)
+            delta = self._up(lora, h)
+            if index is None:
+                out = out.add_(delta) if in_place else out + delta
+            else:
+                out = out.index_add_(0, index, delta) if in_place else out.index_add(0, index,
+                                                                                     delta)
         return out
 
     # -- fusing ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class RowAdapters:
     # adapter -> (row indices, None when every row has it; scale per row, float64)
     groups: dict[str, tuple[list[int] | None, torch.Tensor]]
     _on_device: dict[tuple[str, torch.device], torch.Tensor | None] = field(default_factory=dict)
+    _scales: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of(cls, rows: Sequence[AdapterSet]) -> RowAdapters:
@@ -55,6 +56,16 @@ class RowAdapters:
             rows = self.groups[name][0]
             self._on_device[key] = None if rows is None else torch.tensor(rows, device=device)
         return self._on_device[key]
+
+    def scales(self, name: str, scaling: float, dims: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        """Each of `name`'s rows' scale times a module's `scaling` (alpha / r), shaped to
+        multiply a (rows, ...) tensor of `dims` dimensions; cached per value."""
+        key = (name, scaling, dims, dtype, device)
+        if key not in self._scales:
+            values = (self.groups[name][1] * scaling).to(device, dtype)  # float64 product
+            self._scales[key] = values.reshape(-1, *([1] * (dims - 1)))
+        return self._scales[key]
 
 
 _PER_SAMPLE: ContextVar[RowAdapters | None] = ContextVar("blocks_lora_per_sample", default=None)
