@@ -131,7 +131,7 @@ def test_sd_lora_errors_name_the_problem(sd_pair, tmp_path):
         ours.load_lora_weights({}, adapter_name="pixel")
     bad = {"unet.no_such_block.to_q.lora_A.weight": torch.zeros(2, 4),
            "unet.no_such_block.to_q.lora_B.weight": torch.zeros(4, 2)}
-    with pytest.raises(LoraFileError, match="match no Linear or Conv2d.*no_such_block"):
+    with pytest.raises(LoraFileError, match=r"match no Linear or Conv2d.*no_such_block"):
         ours.load_lora_weights(bad, adapter_name="bad")
     wrong = {"unet.conv_in.lora_A.weight": torch.zeros(2, 5, 3, 3),
              "unet.conv_in.lora_B.weight": torch.zeros(32, 2, 1, 1)}
