@@ -8,7 +8,7 @@
   touching the models' active sets (how a server gives each request its own adapters inside
   one batched forward; `blocks.lora.layers` says how the rows' deltas are computed).
 
-Not handled here: which adapters a server allows, loads or evicts (`service.loras`).
+Not handled here: which adapters a server allows, loads or evicts (the service's LoRA cache).
 """
 
 from blocks.lora.files import LoraFile, LoraFileError, read_lora_file, write_lora_file

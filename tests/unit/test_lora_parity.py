@@ -44,6 +44,15 @@ def _ours(path: pathlib.Path) -> ModularPipeline:
     return pipe
 
 
+def _assert_adapters_match(pair, names, weights, call: dict, min_change: float) -> None:
+    reference, ours, base = pair
+    for pipe in (reference, ours):
+        pipe.set_adapters(names, weights)
+    expected, got = _image(reference, call), _image(ours, call)
+    assert np.abs(expected - got).max() <= IMAGES_TOL
+    assert np.abs(got - base).max() > min_change  # the adapter really changes the image
+
+
 # -- Stable Diffusion -------------------------------------------------------------------------
 
 
@@ -81,12 +90,7 @@ def sd_pair(tmp_path_factory: pytest.TempPathFactory):
     (["pixel", "ink"], [0.7, {"unet": 0.4, "text_encoder": 0.9}]),
 ])
 def test_sd_adapters_match_diffusers(sd_pair, names, weights):
-    reference, ours, base = sd_pair
-    for pipe in (reference, ours):
-        pipe.set_adapters(names, weights)
-    expected, got = _image(reference, SD_CALL), _image(ours, SD_CALL)
-    assert np.abs(expected - got).max() <= IMAGES_TOL
-    assert np.abs(got - base).max() > 0.05  # the adapter really changes the image
+    _assert_adapters_match(sd_pair, names, weights, SD_CALL, min_change=0.05)
 
 
 def test_sd_adapter_lists_match_diffusers(sd_pair):
@@ -201,12 +205,7 @@ def flux_pair(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize(("names", "weights"), [
     ("peft", None), ("kohya", None), (["peft", "kohya"], [0.6, 1.3])])
 def test_flux2_adapters_match_diffusers(flux_pair, names, weights):
-    reference, ours, base = flux_pair
-    for pipe in (reference, ours):
-        pipe.set_adapters(names, weights)
-    expected, got = _image(reference, FLUX_CALL), _image(ours, FLUX_CALL)
-    assert np.abs(expected - got).max() <= IMAGES_TOL
-    assert np.abs(got - base).max() > 0.02
+    _assert_adapters_match(flux_pair, names, weights, FLUX_CALL, min_change=0.02)
 
 
 def test_flux2_fuse_unfuse_round_trip(flux_pair):
