@@ -123,7 +123,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from service.ray_placement import build_app
+    from service.ray_placement import build_app, init_local_ray
 
     folder = Path(tempfile.mkdtemp(prefix="blockserve-ray-bench-"))
     models_file = folder / "models.yaml"
@@ -134,8 +134,7 @@ def main() -> None:
     embedded = measure(embedded_url, args.requests)
     server.should_exit = True  # type: ignore[attr-defined]
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    init_local_ray(num_cpus=args.num_cpus, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

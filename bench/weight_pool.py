@@ -76,9 +76,9 @@ def run(path: Path, warmup: Path, dtype: str, replicas: int, pooled: bool) -> di
     import ray
 
     from deployments.weight_pool import shutdown_registry
+    from service.ray_placement import init_local_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, log_to_driver=False)
     try:
         @ray.remote(num_cpus=0)
         class Replica:

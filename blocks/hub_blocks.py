@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blocks.loading import resolve_files
+from blocks.loading import allow_component_library, resolve_files
 
 if TYPE_CHECKING:
     from blocks.block import ModularPipelineBlocks
@@ -90,4 +90,5 @@ def load_custom_blocks(
         module = importlib.util.module_from_spec(spec)
         sys.modules[unique_name] = module
         spec.loader.exec_module(module)
+        allow_component_library(unique_name)  # trusted: its classes may appear in an index
     return getattr(module, class_name)()

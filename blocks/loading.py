@@ -63,8 +63,20 @@ class CheckpointIndex:
                        revision=spec.revision or self.revision)
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """A checkpoint folder does not exist, or a Hub repo's files can't be had; the message
+    names the folder or repo."""
+
+
 def is_local(path_or_repo_id: str | os.PathLike) -> bool:
     return Path(path_or_repo_id).expanduser().is_dir()
+
+
+def looks_like_path(path_or_repo_id: str | os.PathLike) -> bool:
+    """Whether it can only be a folder, never a Hub repo id ("org/name")."""
+    text = str(path_or_repo_id)
+    return (isinstance(path_or_repo_id, os.PathLike) or text.startswith(("/", ".", "~"))
+            or "\\" in text or text.count("/") > 1)
 
 
 def resolve_files(
@@ -77,13 +89,23 @@ def resolve_files(
     else a snapshot of just those files from the Hub (or the HF cache when offline)."""
     if is_local(path_or_repo_id):
         return Path(path_or_repo_id).expanduser()
+    if looks_like_path(path_or_repo_id):
+        raise CheckpointNotFound(f"checkpoint folder not found: {path_or_repo_id}")
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            str(path_or_repo_id), allow_patterns=patterns, revision=revision, **hub_kwargs
+    try:
+        return Path(
+            snapshot_download(
+                str(path_or_repo_id), allow_patterns=patterns, revision=revision, **hub_kwargs
+            )
         )
-    )
+    except Exception as error:  # offline, unknown repo, no access, network: say which repo
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is used)" if os.environ.get(
+            "HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") else ""
+        raise CheckpointNotFound(
+            f"checkpoint {str(path_or_repo_id)!r} is not a local folder and its files "
+            f"{patterns} could not be had from the Hugging Face Hub{offline}: "
+            f"{type(error).__name__}: {error}") from error
 
 
 def read_index(
@@ -136,12 +158,36 @@ def _parse_index(
     return index
 
 
-def import_class(library: str, class_name: str) -> type:
-    """`("diffusers", "AutoencoderKL")` -> the class, with a clear error when missing."""
+# The libraries an index entry may name. An index is data from a checkpoint, possibly a
+# stranger's: importing whatever module it names would run that module's code, so only these
+# are imported; custom blocks loaded with trust_remote_code add their own module.
+COMPONENT_LIBRARIES = {"diffusers", "transformers"}
+
+
+def allow_component_library(module_name: str) -> None:
+    """Let index entries name classes of `module_name` (a top-level module); for code the
+    user chose to trust (`trust_remote_code`)."""
+    COMPONENT_LIBRARIES.add(module_name)
+
+
+def import_class(library: str, class_name: str, entry: str | None = None) -> type:
+    """`("diffusers", "AutoencoderKL")` -> the class, with a clear error naming the index
+    `entry` when the library is not allowed or the class is missing."""
+    where = f"index entry {entry!r}" if entry else "index entry"
+    if not isinstance(library, str) or library.split(".")[0] not in COMPONENT_LIBRARIES:
+        raise ComponentLoadError(
+            f"{where} names library {library!r}; components load only from "
+            f"{', '.join(sorted(COMPONENT_LIBRARIES))} (custom blocks add theirs when loaded "
+            "with trust_remote_code=True)")
     try:
-        return getattr(importlib.import_module(library), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ComponentLoadError(f"cannot import {library}.{class_name}: {error}") from error
+        found = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError, TypeError) as error:
+        raise ComponentLoadError(f"{where}: cannot import {library}.{class_name}: {error}"
+                                 ) from error
+    if not (isinstance(found, type) and hasattr(found, "from_pretrained")):
+        raise ComponentLoadError(f"{where}: {library}.{class_name} is not a component class "
+                                 "(no from_pretrained)")
+    return found
 
 
 def load_component(
@@ -157,7 +203,8 @@ def load_component(
             f"component {spec.name!r} has no source: give the pipeline a checkpoint or set "
             "it with update_components"
         )
-    cls = import_class(*index_class) if index_class is not None else spec.type_hint
+    cls = import_class(*index_class, entry=spec.name) if index_class is not None else (
+        spec.type_hint)
     if cls is None:
         raise ComponentLoadError(f"component {spec.name!r} from {source}: unknown class")
     where = f"{source}" + (f" (subfolder {spec.subfolder!r})" if spec.subfolder else "")

@@ -4,12 +4,13 @@ It wires one process's pieces together: the models file → a `ModelRegistry` (o
 `ComponentsManager`, models loaded on a background thread at startup so `/readyz` can say 503
 until they are), a `BatchingEngine` running jobs (with the test-only fault hooks when
 `test_hooks` is set, never otherwise), per-app Prometheus metrics, the url-image store, the
-`/v1/jobs` store, the routes, error handlers and the request middleware. Nothing is global: two
-apps in one process are independent (tests rely on it).
+`/v1/jobs` store, the input-image decode gate, the routes, error handlers and the request
+middleware. Nothing is global: two apps in one process are independent (tests rely on it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from service.context import ServiceContext
 from service.engine import BatchingEngine, Engine
 from service.errors import install_error_handlers
 from service.file_store import FileStore
+from service.image_io import DecodeGate
 from service.job_store import JobStore
 from service.metrics import ServiceMetrics
 from service.middleware import ServiceMiddleware
@@ -79,8 +81,10 @@ def create_app(
     context = ServiceContext(
         settings=settings, registry=registry, engine=engine, metrics=metrics,
         files=FileStore(settings.file_ttl_seconds, settings.file_store_bytes),
-        jobs=JobStore(settings.job_ttl_seconds, settings.max_finished_jobs),
+        jobs=JobStore(settings.job_ttl_seconds, settings.max_finished_jobs,
+                      settings.job_store_bytes),
         created=int(time.time()),
+        decodes=DecodeGate(settings.max_decodes, settings.max_decode_bytes),
     )
     metrics.watch(
         queued=lambda: engine.queued,
@@ -91,12 +95,20 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        registry.start_loading()
+        loading = registry.start_loading()
+        if placement is not None:
+            # A Serve replica takes traffic once its startup returns (Serve has no readiness
+            # probe of its own), so a Ray-mode ingress starts only once its models are loaded
+            # (or failed): a replica added by autoscaling must not answer "still loading".
+            await asyncio.to_thread(loading.join)
         yield
         engine.stop()
 
+    # redirect_slashes off: Starlette's redirect to the slash-less path is an absolute URL
+    # built from the client's Host header.
     app = FastAPI(title="blockserve", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url=None, redoc_url=None)  # offline: install_pages
+                  lifespan=lifespan, docs_url=None, redoc_url=None,  # offline: install_pages
+                  redirect_slashes=False)
     app.state.service = context
     app.state.placement = placement
     install_error_handlers(app)
@@ -106,6 +118,8 @@ def create_app(
     app.include_router(health_routes.router)
     install_pages(app)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes,
-                       metrics=metrics)
+                       metrics=metrics, read_timeout_s=settings.read_timeout_seconds,
+                       # Ray Serve's proxy returns the request id itself (the same one).
+                       echo_request_id=placement is None)
     app.openapi = lambda: build_openapi(app, registry)  # type: ignore[method-assign]
     return app

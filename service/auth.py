@@ -3,7 +3,9 @@
 With `BLOCKSERVE_API_KEYS` set, a request needs `Authorization: Bearer <one of the keys>`;
 keys are compared in constant time (`hmac.compare_digest`) and every key is tried, so timing
 reveals neither which key nor how much of one matched. Health, readiness and metrics routes
-don't use this dependency and stay open. Not handled: per-key scopes or quotas.
+don't use this dependency and stay open; `/readyz` shows why a model failed to load (paths,
+exception text) only to a caller `is_authorized` accepts. Not handled: per-key scopes or
+quotas.
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ def key_matches(given: str, keys: tuple[str, ...]) -> bool:
     for key in keys:
         matched |= hmac.compare_digest(given_bytes, key.encode())
     return matched
+
+
+def _bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def is_authorized(request: Request) -> bool:
+    """Whether `request` could call the `/v1/*` routes: auth is off, or it has a valid key."""
+    keys: tuple[str, ...] = request.app.state.service.settings.api_keys
+    if not keys:
+        return True
+    given = _bearer_key(request)
+    return given is not None and key_matches(given, keys)
 
 
 async def require_api_key(

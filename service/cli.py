@@ -300,11 +300,13 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     from service.torch_threads import apply_torch_threads
 
     apply_torch_threads(settings.workers, settings.torch_threads)
+    from service.http_server import uvicorn_options
+
     app = create_app(settings, models)
     auth = "on" if settings.api_keys else "off"
     print(f"blockserve: serving {', '.join(models.models)} on "
           f"http://{settings.host}:{settings.port} (auth {auth}; docs at /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, **uvicorn_options(settings))
 
 
 def run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

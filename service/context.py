@@ -12,6 +12,7 @@ from fastapi import Request
 
 from service.engine import Engine
 from service.file_store import FileStore
+from service.image_io import DecodeGate
 from service.job_store import JobStore
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
@@ -27,6 +28,7 @@ class ServiceContext:
     files: FileStore
     jobs: JobStore
     created: int  # when the app was made: the `created` of every model card
+    decodes: DecodeGate | None = None  # bounds input-image decoding (None: unbounded)
     background: set[asyncio.Task[None]] = field(default_factory=set)  # jobs being tracked
 
 

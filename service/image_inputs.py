@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 
 from service.context import ServiceContext
 from service.errors import APIError
-from service.image_io import decode_base64_image, decode_image
+from service.image_io import Decoding, decode_base64_image, decode_image
 from service.multipart import read_multipart
 from service.schemas import MAX_INPUT_IMAGES, ImageReference
 
@@ -44,30 +44,32 @@ class InputImages:
 
 
 def _decode_reference(ctx: ServiceContext, reference: ImageReference,
-                      param: str) -> Image.Image:
+                      param: str, decoding: Decoding | None = None) -> Image.Image:
     if reference.file_id is not None:
         stored = ctx.files.get(reference.file_id)
         if stored is None:
             raise APIError(400, f"'{param}': file '{reference.file_id}' does not exist or has "
                            f"expired (files last {ctx.settings.file_ttl_seconds:g}s)", param,
                            "file_not_found")
-        return decode_image(stored.data, param)
+        return decode_image(stored.data, param, decoding)
     assert reference.image_url is not None
     if not reference.image_url.strip().lower().startswith("data:"):
         raise APIError(400, f"'{param}': remote image URLs are not fetched; send a "
                        "data:image/...;base64, URL or a file_id", param, "unsupported_url")
-    return decode_base64_image(reference.image_url, param)
+    return decode_base64_image(reference.image_url, param, decoding)
 
 
 def _decode_json_image(ctx: ServiceContext, value: str | ImageReference, param: str,
-                       ) -> Image.Image:
+                       decoding: Decoding | None = None) -> Image.Image:
     if isinstance(value, ImageReference):
-        return _decode_reference(ctx, value, param)
-    return decode_base64_image(value, param)
+        return _decode_reference(ctx, value, param, decoding)
+    return decode_base64_image(value, param, decoding)
 
 
-async def json_images(ctx: ServiceContext, fields: Any) -> InputImages:
-    """The images of a parsed JSON edit body (`ImageEditRequest`)."""
+async def json_images(ctx: ServiceContext, fields: Any,
+                      decoding: Decoding | None = None) -> InputImages:
+    """The images of a parsed JSON edit body (`ImageEditRequest`), each decode reserved in
+    `decoding` (`image_io.decoding_session`)."""
     if fields.image is not None and fields.images is not None:
         raise APIError(400, "send the input as 'image' or as 'images', not both", "images",
                        "invalid_value")
@@ -76,19 +78,22 @@ async def json_images(ctx: ServiceContext, fields: Any) -> InputImages:
                        "missing_required_parameter")
     images = []
     if fields.image is not None:
-        images.append(await run_in_threadpool(decode_base64_image, fields.image, "image"))
+        images.append(await run_in_threadpool(decode_base64_image, fields.image, "image",
+                                              decoding))
     for index, reference in enumerate(fields.images or []):
         images.append(await run_in_threadpool(_decode_reference, ctx, reference,
-                                              f"images[{index}]"))
+                                              f"images[{index}]", decoding))
     mask = None
     if fields.mask is not None:
-        mask = await run_in_threadpool(_decode_json_image, ctx, fields.mask, "mask")
+        mask = await run_in_threadpool(_decode_json_image, ctx, fields.mask, "mask", decoding)
     return InputImages({}, images, mask)
 
 
-async def form_images(request: Request, files: tuple[str, ...]) -> InputImages:
+async def form_images(request: Request, files: tuple[str, ...],
+                      decoding: Decoding | None = None) -> InputImages:
     """A multipart body's fields and its decoded image files. `files` names the file fields
-    it may have, among `image` (repeated for several images) and `mask` (once)."""
+    it may have, among `image` (repeated for several images) and `mask` (once); each decode
+    is reserved in `decoding` (`image_io.decoding_session`)."""
     max_bytes = request.app.state.service.settings.max_body_bytes
     parts = await read_multipart(request, max_files=MAX_INPUT_IMAGES + 1,
                                  max_fields=MAX_FIELDS, max_part_size=max_bytes)
@@ -117,11 +122,12 @@ async def form_images(request: Request, files: tuple[str, ...]) -> InputImages:
                            "too_many_images")
         for value in values:
             if isinstance(value, UploadFile):
-                decoded = await run_in_threadpool(decode_image, await value.read(), name)
+                decoded = await run_in_threadpool(decode_image, await value.read(), name,
+                                                  decoding)
             elif isinstance(value, bytes):
-                decoded = await run_in_threadpool(decode_image, value, name)
+                decoded = await run_in_threadpool(decode_image, value, name, decoding)
             else:  # a text field: base64, as in JSON bodies
-                decoded = await run_in_threadpool(decode_base64_image, value, name)
+                decoded = await run_in_threadpool(decode_base64_image, value, name, decoding)
             if name == "mask":
                 result.mask = decoded
             else:

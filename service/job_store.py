@@ -9,8 +9,10 @@ kept, which bounds a job's memory whatever its step count. Events are recorded o
 thread and read on the server's loop; the record's lock orders them.
 
 `JobStore` holds the records of `/v1/jobs`; finished ones are forgotten `ttl_seconds` after
-they finish, or sooner when more than `max_finished` have finished. Streaming generations use
-a record too, but never store it.
+they finish, or sooner, oldest first, when more than `max_finished` have finished or their
+results hold more than `max_bytes` (a result carries its images as base64). Jobs not finished
+yet are bounded by the engine's queue. Streaming generations use a record too, but never store
+it.
 
 Not handled here: persistence (jobs die with the process), and encoding images (previews
 stay PIL images here; whoever sends them encodes them).
@@ -96,6 +98,15 @@ class JobRecord:
 
     def succeed(self, result: dict[str, Any]) -> None:
         self._finish(SUCCEEDED, result=result)
+
+    @property
+    def result_bytes(self) -> int:
+        """About what the result holds: its base64 images (and URLs) dominate."""
+        result = self.result
+        if result is None:
+            return 0
+        return sum(len(item.get("b64_json") or "") + len(item.get("url") or "")
+                   for item in result.get("data", ()))
 
     def fail(self, error: dict[str, Any]) -> None:
         self._finish(FAILED, error=error)
@@ -206,11 +217,14 @@ async def follow(
 
 
 class JobStore:
-    """The `/v1/jobs` records, finished ones kept for `ttl_seconds` and `max_finished` at most."""
+    """The `/v1/jobs` records; finished ones kept for `ttl_seconds`, and `max_finished` and
+    `max_bytes` of results at most (oldest forgotten first)."""
 
-    def __init__(self, ttl_seconds: float, max_finished: int) -> None:
+    def __init__(self, ttl_seconds: float, max_finished: int, max_bytes: int = 128 * 2**20
+                 ) -> None:
         self.ttl_seconds = ttl_seconds
         self.max_finished = max_finished
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
 
@@ -233,7 +247,10 @@ class JobStore:
         finished = [r for r in self._records.values() if r.finished_at is not None]
         finished.sort(key=lambda r: r.finished_at or 0.0)
         excess = len(finished) - self.max_finished
+        held = sum(record.result_bytes for record in finished)
         for index, record in enumerate(finished):
             assert record.finished_at is not None
-            if index < excess or now - record.finished_at > self.ttl_seconds:
+            expired = now - record.finished_at > self.ttl_seconds
+            if index < excess or held > self.max_bytes or expired:
                 del self._records[record.id]
+                held -= record.result_bytes

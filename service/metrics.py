@@ -1,6 +1,9 @@
 """Prometheus metrics of one app, in its own registry (two apps in a process never collide).
 
-    blockserve_requests_total{model,workflow,status}      image requests, by HTTP status
+    blockserve_requests_total{model,workflow,status}      image requests (and jobs created), by
+                                                          HTTP status (499: the client left)
+    blockserve_http_requests_total{route,method,status}   every HTTP request, by route template
+                                                          ("unmatched" when no route matched)
     blockserve_request_duration_seconds{model,workflow}   image request latency
     blockserve_block_duration_seconds{model,block}        each top-level block of a pipeline run
     blockserve_images_generated_total{model}
@@ -37,6 +40,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.0025, *_LATENCY_BUCKETS)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+# A method label outside these is "other": clients choose methods, labels must stay bounded.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _ComponentsCollector(Collector):
@@ -97,6 +102,11 @@ class ServiceMetrics:
             "blockserve_requests_total", "Image requests, by model, workflow and HTTP status.",
             ["model", "workflow", "status"], registry=self.registry,
         )
+        self.http_requests = Counter(
+            "blockserve_http_requests_total",
+            "Every HTTP request, by route template, method and HTTP status.",
+            ["route", "method", "status"], registry=self.registry,
+        )
         self.request_duration = Histogram(
             "blockserve_request_duration_seconds", "Image request latency.",
             ["model", "workflow"], buckets=_LATENCY_BUCKETS, registry=self.registry,
@@ -148,6 +158,11 @@ class ServiceMetrics:
     def observe_request(self, model: str, workflow: str, status: int, seconds: float) -> None:
         self.requests.labels(model, workflow, str(status)).inc()
         self.request_duration.labels(model, workflow).observe(seconds)
+
+    def observe_http(self, route: str | None, method: str, status: int) -> None:
+        """`route`: the matched route's template (None: no route matched)."""
+        self.http_requests.labels(route or "unmatched",
+                                  method if method in _METHODS else "other", str(status)).inc()
 
     def watch(self, queued: Callable[[], int], running: Callable[[], int],
               ready: Callable[[], int]) -> None:

@@ -1,19 +1,29 @@
-"""The ASGI layer around every request: request ids, body size, unexpected errors, metrics.
+"""The ASGI layer around every request: request ids, body size and pace, unexpected errors,
+client aborts, metrics.
 
 One pure-ASGI middleware, outermost in the app, so it sees every request and every response:
 
 - gives each request an id (a sane incoming `x-request-id`, else a new one), returns it in the
-  `x-request-id` header and logs with it;
+  `x-request-id` header (unless `echo_request_id` is off: Ray Serve's proxy adds that header
+  itself, from the same incoming id) and logs with it;
 - refuses a body larger than `max_body_bytes` with 413: from `Content-Length` before anything
-  is read, and while streaming for chunked bodies;
+  is read, and while streaming for chunked bodies; a body that has not fully arrived
+  `read_timeout_s` after the request started gets 408 and the connection is closed;
+- a client that goes away before its response starts (mid-upload, say) is a client abort:
+  counted as 499 and logged in one line, not a server error;
 - turns any exception a route did not expect into a logged (with traceback and request id)
   plain 500 in the OpenAI error shape that leaks nothing;
-- records `blockserve_requests_total` / `..._request_duration_seconds` for the images routes,
-  with the model and workflow the route put into `request.state` (else "unknown").
+- records `blockserve_requests_total` / `..._request_duration_seconds` for the generation
+  routes (images, and creating a job), with the model and workflow the route put into
+  `request.state` (else "unknown"), and `blockserve_http_requests_total` for every request.
+
+Not handled here: how long a client may take to send its headers, and how many connections
+are open (the HTTP server's job: `service.http_server`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -21,6 +31,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from service.errors import APIError, error_body
 from service.metrics import ServiceMetrics
@@ -35,6 +47,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 METERED_PREFIX = "/v1/images/"
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the response
+
+
+def is_generation(method: str, path: str) -> bool:
+    """The requests `blockserve_requests_total` counts: those that ask for images."""
+    return path.startswith(METERED_PREFIX) or (method == "POST" and path == "/v1/jobs")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -45,10 +63,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: ServiceMetrics,
+                 read_timeout_s: float = 30.0, echo_request_id: bool = True) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.read_timeout_s = read_timeout_s
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,7 +89,8 @@ class ServiceMiddleware:
                 status = message["status"]
                 started = True
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
+                if self.echo_request_id:
+                    headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -77,10 +99,16 @@ class ServiceMiddleware:
             if early is not None:
                 await self._send_error(send_with_id, early)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, self._limited(receive, start), send_with_id)
         except APIError as error:  # a body-size error raised outside the app's handlers
             if not started:
                 await self._send_error(send_with_id, error)
+        except ClientDisconnect:
+            # The client left before sending its whole body: its abort, not our failure.
+            logger.info("request %s %s %s: the client disconnected before its body arrived",
+                        request_id, scope.get("method"), scope.get("path"))
+            if not started:
+                status = CLIENT_CLOSED
         except Exception:
             logger.exception("request %s %s %s failed", request_id, scope.get("method"),
                              scope.get("path"))
@@ -89,11 +117,14 @@ class ServiceMiddleware:
                     500, f"internal server error; request id {request_id}", None,
                     "internal_error"))
         finally:
-            if scope.get("path", "").startswith(METERED_PREFIX):
+            method, path = scope.get("method", ""), scope.get("path", "")
+            seconds = time.perf_counter() - start
+            if is_generation(method, path):
                 self.metrics.observe_request(
                     state.get("model", "unknown"), state.get("workflow", "unknown"), status,
-                    time.perf_counter() - start,
-                )
+                    seconds)
+            route = scope.get("route")
+            self.metrics.observe_http(getattr(route, "path", None), method, status)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"request body exceeds {self.max_body_bytes} bytes", None,
@@ -103,23 +134,39 @@ class ServiceMiddleware:
         length = _header(scope, b"content-length")
         if length is None:
             return None
-        if not length.strip().isdigit():
-            return APIError(400, "Content-Length must be a non-negative integer", None,
+        length = length.strip()
+        # isascii: "²".isdigit() is true but int("²") fails; the length keeps int() cheap.
+        if not (length.isascii() and length.isdigit() and len(length) <= 19):
+            return APIError(400, "Content-Length must be a non-negative integer", "Content-Length",
                             "invalid_header")
         if int(length) > self.max_body_bytes:
             return self._too_large()
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, start: float) -> Receive:
+        """`receive` with the body-size cap, and a deadline for the body to arrive by."""
         received = 0
+        body_done = False
+        deadline = start + self.read_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(),
+                                                                0.0))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"request body not received within "
+                               f"{self.read_timeout_s:g}s", None, "request_timeout",
+                               {"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise self._too_large()
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         return limited_receive

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.errors import APIError
 
@@ -43,7 +44,7 @@ async def read_multipart(request: Request, max_files: int, max_fields: int,
                                 max_fields=max_fields, max_part_size=max_part_size)
     try:
         form = await parser.parse()
-    except APIError:
+    except (APIError, ClientDisconnect):  # a client gone mid-upload is not a malformed body
         raise
     except MultiPartException as error:
         raise APIError(400, f"malformed multipart body: {error.message}", None,

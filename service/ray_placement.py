@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -352,6 +353,22 @@ def build_app(args: dict[str, Any]) -> Any:
     )
 
 
+def init_local_ray(**options: Any) -> None:
+    """`ray.init` of a one-machine cluster whose every port listens on loopback only.
+
+    Ray replaces a loopback `_node_ip_address` with the machine's address, and its GCS,
+    raylet, workers and agents then listen on every interface — ports that anyone who can
+    reach the machine could call. With clusters switched off
+    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, what Ray does on macOS and Windows) the node's
+    address is 127.0.0.1 and each of them binds it. Set in the environment so the processes
+    Ray starts inherit it. A real cluster is started by `ray start`, not here.
+    """
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(include_dashboard=False, configure_logging=False, **options)
+
+
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "serve_config.yaml"
 
 
@@ -371,13 +388,16 @@ def serve_ray(settings: Settings, config_path: Path | None = None,
     args = {**(application.get("args") or {}), "models_file": str(settings.models_file),
             "deployments": application.get("deployments")}
     stop = threading.Event()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)
+    # The Router replicas read their settings from the environment, which Ray's worker
+    # processes inherit from this one: pass on what the command line set.
+    os.environ.update({"BLOCKSERVE_HOST": settings.host, "BLOCKSERVE_PORT": str(settings.port)})
+    init_local_ray(num_cpus=num_cpus)
     # After ray.init, which installs its own (crash-reporting) SIGTERM handler.
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(http_options={"host": settings.host, "port": settings.port,
+                                  "keep_alive_timeout_s": max(1, int(settings.keep_alive_seconds))})
         serve.run(build_app(args), name=application.get("name", "blockserve"),
                   route_prefix=application.get("route_prefix", "/"))
         print(f"blockserve: serving on Ray at http://{settings.host}:{settings.port} "

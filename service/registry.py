@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,17 +281,28 @@ class ModelRegistry:
         )
 
 
+# A staging folder older than this is a crashed writer's, whatever its process id says (ids
+# are reused); writing a tiny checkpoint takes seconds.
+STALE_STAGING_SECONDS = 3600.0
+
+
 def ensure_checkpoint(config: ModelConfig) -> str:
     """The model's checkpoint path, writing a tiny one first where `create_tiny` asks."""
     assert config.path is not None
     path = Path(config.path)
-    if config.create_tiny is None or (path.is_dir() and any(path.iterdir())):
+    if config.create_tiny is None:
+        return config.path
+    remove_stale_staging(path)
+    if path.is_dir() and any(path.iterdir()):
         return config.path
     logger.info("model %s: writing a tiny %s checkpoint to %s", config.name,
                 config.create_tiny, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed into place, so a crash never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    # Written beside the target and renamed into place, so a crash never leaves half a model;
+    # the staging folder's name carries this process's id, so a later start can tell a
+    # crashed writer's leftovers (removed) from a live writer's (left alone).
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-",
+                                    dir=path.parent))
     try:
         FAMILIES[config.create_tiny].write_tiny(staging / "checkpoint")
         if path.is_dir() and not any(path.iterdir()):
@@ -301,3 +315,46 @@ def ensure_checkpoint(config: ModelConfig) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return config.path
+
+
+def _staging_prefix(path: Path) -> str:
+    return f".{path.name}-"
+
+
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Remove what writers of `path`'s tiny checkpoint left behind when killed mid-write
+    (`kill -9`, a power cut): staging folders whose process is gone, or that are older than
+    `STALE_STAGING_SECONDS`. Returns the folders removed."""
+    if not path.parent.is_dir():
+        return []
+    # `.NAME-PID-XXXXXXXX` (mkdtemp's suffix has no "-"), or `.NAME-XXXXXXXX` from versions
+    # that did not record the writer; nothing else, so a sibling `NAME-2`'s are left alone.
+    pattern = re.compile(rf"^{re.escape(_staging_prefix(path))}(?:(\d{{1,10}})-)?[a-z0-9_]{{8}}$")
+    removed = []
+    now = time.time()
+    for entry in path.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        writer = int(match.group(1)) if match.group(1) else None
+        try:
+            old = now - entry.stat().st_mtime > STALE_STAGING_SECONDS
+        except FileNotFoundError:  # its writer just finished
+            continue
+        if old or writer is None or not _process_alive(writer):
+            logger.warning("removing %s, left by a checkpoint writer that did not finish", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -8,7 +8,12 @@ line flags override the environment (`Settings.from_env(port=...)`).
     BLOCKSERVE_PORT              8000
     BLOCKSERVE_MODELS_FILE       the packaged service/models.yaml (the trained shapes model,
                                  then a random-weight tiny SD model)
-    BLOCKSERVE_API_KEYS          comma-separated bearer keys; unset or empty = no auth
+    BLOCKSERVE_API_KEYS          comma-separated bearer keys; unset or empty = no auth (a value
+                                 holding no key, such as " , ", is an error, not "no auth")
+    BLOCKSERVE_PUBLIC_URL        the URL clients reach the service at (https://images.example);
+                                 image URLs and job Locations start with it. Unset: the bound
+                                 address when it is a specific one, else relative URLs. Never
+                                 the request's Host header, which the client controls
     BLOCKSERVE_CACHE_DIR         ~/.cache/blockserve (tiny checkpoints are written here)
     BLOCKSERVE_MAX_BODY_BYTES    16 MiB; larger request bodies get 413 before being read
     BLOCKSERVE_FILE_TTL_SECONDS  3600; how long a `response_format=url` image is served
@@ -28,11 +33,23 @@ line flags override the environment (`Settings.from_env(port=...)`).
                                  machine does not stall every op (`service.torch_threads`)
     BLOCKSERVE_JOB_TTL_SECONDS   600; how long a finished /v1/jobs job stays readable
     BLOCKSERVE_MAX_FINISHED_JOBS 256; finished jobs kept at most (the oldest are forgotten)
+    BLOCKSERVE_JOB_STORE_BYTES   128 MiB; bytes of finished jobs' results kept at most (the
+                                 oldest are forgotten first)
+    BLOCKSERVE_MAX_DECODE_BYTES  512 MiB; memory that input images being decoded may take at
+                                 once (estimated from their headers); past it, 429
+    BLOCKSERVE_MAX_DECODES       4; input images decoded at once; past it, 429
+    BLOCKSERVE_READ_TIMEOUT_SECONDS  30; how long a client may take to send a request's
+                                 headers, and then its body (408): slow clients can't hold
+                                 connections open
+    BLOCKSERVE_KEEP_ALIVE_SECONDS  5; an idle keep-alive connection is closed after this
+    BLOCKSERVE_MAX_CONNECTIONS   512; open connections (and requests in progress) at most;
+                                 past it, new requests get 503
     BLOCKSERVE_TEST_HOOKS        false; tests only: prompt markers that fail or slow a job
                                  inside the pipeline (`service.fault_injection`)
     BLOCKSERVE_LOG_LEVEL         info
 
-Not handled here: TLS (put a proxy in front), per-key quotas, rate limits.
+Not handled here: TLS (put a proxy in front), per-key quotas, rate limits. In Ray mode the
+header read timeout and connection cap are Ray Serve's proxy's (see the README).
 """
 
 from __future__ import annotations
@@ -62,6 +79,11 @@ class Settings(BaseModel):
     models_file: Path = Field(DEFAULT_MODELS_FILE, description="YAML file of served models.")
     api_keys: tuple[str, ...] = Field(
         (), description="Bearer keys accepted on /v1/*; empty means no authentication."
+    )
+    public_url: str | None = Field(
+        None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Base URL clients reach the service at; image URLs and job Locations "
+                    "start with it. Unset: the bound address, or relative URLs.",
     )
     cache_dir: Path = Field(
         Path("~/.cache/blockserve").expanduser(), description="Where tiny checkpoints go."
@@ -103,6 +125,26 @@ class Settings(BaseModel):
     max_finished_jobs: int = Field(
         256, ge=1, le=100_000, description="Finished jobs kept at most (oldest forgotten)."
     )
+    job_store_bytes: int = Field(
+        128 * 2**20, ge=2**20, description="Bytes of finished jobs' results kept at most."
+    )
+    max_decode_bytes: int = Field(
+        512 * 2**20, ge=2**20,
+        description="Memory input images being decoded may take at once; past it, 429.",
+    )
+    max_decodes: int = Field(4, ge=1, le=1024,
+                             description="Input images decoded at once; past it, 429.")
+    read_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600,
+        description="How long a client may take to send a request's headers, then its body.",
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this."
+    )
+    max_connections: int = Field(
+        512, ge=1, le=100_000,
+        description="Open connections (and requests in progress) at most; past it, 503.",
+    )
     test_hooks: bool = Field(
         False, description="Tests only: prompt markers that fail or slow a job in the pipeline."
     )
@@ -112,8 +154,30 @@ class Settings(BaseModel):
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return tuple(key.strip() for key in value.split(",") if key.strip())
+            if not value.strip():
+                return ()  # unset or empty: authentication off, as documented
+            keys = tuple(key.strip() for key in value.split(",") if key.strip())
+            if not keys:
+                # " , ": a typo must not silently turn authentication off.
+                raise ValueError(f"{value!r} holds no key; give one or more comma-separated "
+                                 "keys, or leave it empty to turn authentication off")
+            return keys
         return value
+
+    @field_validator("public_url", mode="after")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    def base_url(self) -> str:
+        """What returned URLs start with: the public URL, else the bound address when it is a
+        specific one, else "" (relative URLs). Never taken from a request's Host header."""
+        if self.public_url:
+            return self.public_url
+        if self.host in ("0.0.0.0", "::", ""):
+            return ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @field_validator("models_file", "cache_dir", mode="after")
     @classmethod

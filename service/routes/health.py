@@ -1,18 +1,24 @@
 """`GET /healthz` (the process answers), `GET /readyz` (every model is loaded: else 503),
 `GET /metrics` (Prometheus text). All open: no API key, so probes and scrapers need none.
+
+`/readyz` names each model's state to anyone, but why a model failed (exception text, which
+can hold paths) only to callers with an API key (or when authentication is off); the server
+log always has it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from service.auth import is_authorized
 from service.context import ServiceContext, service_context
 from service.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
+_HIDDEN = "failed to load; the reason is in the server log (or send an API key to see it here)"
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -25,9 +31,15 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: 200 once every configured model is loaded, else 503",
     responses={503: {"description": "Models still loading, or one failed to load."}},
 )
-async def readyz(ctx: ServiceContext = Depends(service_context)) -> Any:  # noqa: B008
+async def readyz(
+    request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
+) -> Any:
     ready = ctx.registry.ready
-    body = {"status": "ready" if ready else "not ready", "models": ctx.registry.states()}
+    states = ctx.registry.states()
+    if not is_authorized(request):
+        states = {name: {**state, "error": _HIDDEN} if "error" in state else state
+                  for name, state in states.items()}
+    body = {"status": "ready" if ready else "not ready", "models": states}
     return JSONResponse(body, status_code=200 if ready else 503,
                         headers={} if ready else {"Retry-After": "5"})
 

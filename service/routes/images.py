@@ -29,7 +29,7 @@ from service.context import ServiceContext, service_context
 from service.errors import APIError
 from service.generation import images_response, outcome_error, submit, track
 from service.image_inputs import InputImages, form_images, json_images
-from service.image_io import b64, encode_image
+from service.image_io import Decoding, b64, decoding_session, encode_image
 from service.job_store import JobRecord, follow
 from service.jobs import TIMEOUT, GenerationJob, GenerationResult
 from service.openai_options import quality_label
@@ -215,16 +215,16 @@ async def create_images(
     return await _respond(ctx, request, fields, job, "image_generation")
 
 
-async def _edit_inputs(ctx: ServiceContext,
-                       request: Request) -> tuple[ImageEditRequest, InputImages]:
+async def _edit_inputs(ctx: ServiceContext, request: Request,
+                       decoding: Decoding) -> tuple[ImageEditRequest, InputImages]:
     """The fields and the decoded input images of a multipart or JSON edit body."""
     kind = content_type(request)
     if kind == JSON:
         fields = parse_body(ImageEditRequest, await read_json(request))
-        return fields, await json_images(ctx, fields)
+        return fields, await json_images(ctx, fields, decoding)
     if kind != MULTIPART:
         raise unsupported_media(f"{MULTIPART} (files) or {JSON} (base64 or image references)")
-    inputs = await form_images(request, ("image", "mask"))
+    inputs = await form_images(request, ("image", "mask"), decoding)
     fields = parse_body(ImageEditRequest, {**inputs.payload, "image": "(file)"})
     return fields, inputs
 
@@ -240,12 +240,15 @@ async def _edit_inputs(ctx: ServiceContext,
 async def edit_images(
     request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
-    fields, inputs = await _edit_inputs(ctx, request)
-    model = model_for(ctx, request, fields.model)
-    workflow = edit_workflow(model, inputs.mask is not None)
-    request.state.workflow = workflow
-    job = await run_in_threadpool(build_job, fields, model, workflow, inputs.images,
-                                  inputs.mask)
+    # The full-size images live only inside this block: the job holds them resized.
+    with decoding_session(ctx.decodes) as decoding:
+        fields, inputs = await _edit_inputs(ctx, request, decoding)
+        model = model_for(ctx, request, fields.model)
+        workflow = edit_workflow(model, inputs.mask is not None)
+        request.state.workflow = workflow
+        job = await run_in_threadpool(build_job, fields, model, workflow, inputs.images,
+                                      inputs.mask)
+        del inputs
     return await _respond(ctx, request, fields, job, "image_edit")
 
 
@@ -264,12 +267,14 @@ async def create_variations(
 ) -> Any:
     if content_type(request) != MULTIPART:
         raise unsupported_media(f"{MULTIPART} (OpenAI's form, with the image as a file)")
-    inputs = await form_images(request, ("image",))
-    fields = parse_body(ImageVariationRequest, {**inputs.payload, "image": "(file)"})
-    model = model_for(ctx, request, fields.model)
-    workflow = edit_workflow(model, has_mask=False)
-    request.state.workflow = workflow
-    job = await run_in_threadpool(build_job, fields, model, workflow, inputs.images)
+    with decoding_session(ctx.decodes) as decoding:  # as in edit_images
+        inputs = await form_images(request, ("image",), decoding)
+        fields = parse_body(ImageVariationRequest, {**inputs.payload, "image": "(file)"})
+        model = model_for(ctx, request, fields.model)
+        workflow = edit_workflow(model, has_mask=False)
+        request.state.workflow = workflow
+        job = await run_in_threadpool(build_job, fields, model, workflow, inputs.images)
+        del inputs
     result = await _wait(ctx, request, job)
     return await images_response(ctx, fields, job, result, file_url(request),
                                  request.state.request_id)

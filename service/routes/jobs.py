@@ -45,6 +45,7 @@ from service.routes.request_bodies import (
     json_body_doc,
     model_for,
     parse_body,
+    public_url,
     read_json,
     unsupported_media,
 )
@@ -60,6 +61,7 @@ from service.sse import (
 from service.validation import build_job
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["jobs"])
+_MAX_EVENT_ID_DIGITS = 18
 
 JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES, 404: {**ERROR_RESPONSES[404], "description": "No such job (or it was "
@@ -106,7 +108,7 @@ async def create_job(
     future = submit(ctx, job)
     ctx.jobs.add(record)
     track(ctx, record, future, fields, file_url(request), request.state.request_id)
-    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+    response.headers["Location"] = public_url(request, "get_job", job_id=job.id)
     return _status(ctx, record)
 
 
@@ -135,6 +137,19 @@ async def cancel_job(
     return _status(ctx, record)
 
 
+def _last_event_id(header: str | None) -> int:
+    """The `Last-Event-ID` a reconnecting client sends: one of our event ids (1, 2, ...)."""
+    if header is None or not header.strip():
+        return 0
+    text = header.strip()
+    # isascii: "²".isdigit() is true but int("²") fails; the length keeps int() cheap.
+    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_EVENT_ID_DIGITS):
+        raise APIError(400, f"Last-Event-ID must be an event id this job sent (a whole number "
+                       f"of at most {_MAX_EVENT_ID_DIGITS} digits)", "Last-Event-ID",
+                       "invalid_header")
+    return int(text)
+
+
 def _render(event: JobEvent) -> bytes:
     data = event.data
     if event.previews:
@@ -154,8 +169,7 @@ async def job_events(
     job_id: str, request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
     record = _record(ctx, job_id)
-    last_id = request.headers.get("last-event-id", "")
-    after = int(last_id) if last_id.isdigit() else 0
+    after = _last_event_id(request.headers.get("last-event-id"))
 
     async def events() -> AsyncIterator[bytes]:
         history, queue = record.subscribe(asyncio.get_running_loop())

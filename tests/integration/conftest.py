@@ -118,11 +118,10 @@ def local_serve_app(args: dict) -> Iterator[str]:
     from ray import serve
 
     from deployments.weight_pool import shutdown_registry
-    from service.ray_placement import build_app
+    from service.ray_placement import build_app, init_local_ray
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="blockserve", route_prefix="/")

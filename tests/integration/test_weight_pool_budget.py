@@ -13,13 +13,13 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ra
 from blocks.stable_diffusion.tiny_model import write_tiny_sd  # noqa: E402
 from deployments.weight_arena import resident_bytes  # noqa: E402
 from deployments.weight_pool import PooledWeights, get_registry, shutdown_registry  # noqa: E402
+from service.ray_placement import init_local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     path = write_tiny_sd(tmp_path_factory.mktemp("budget") / "ckpt")
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    init_local_ray(num_cpus=1, log_to_driver=False)
     try:
         yield str(path)
     finally:
