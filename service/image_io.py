@@ -8,8 +8,8 @@ pipelines is always an "L" image, white = repaint.
 Decoding is bounded, because a small file can decode into a huge image: only PNG, JPEG and
 WebP are opened; each side (at most `MAX_INPUT_SIDE`), the pixel count and the aspect ratio
 are checked from the header before any pixel is decoded; and a `DecodeGate` caps how many
-images, and how many estimated bytes, are decoded at once (429 past it). Memory freed after a
-large decode is handed back to the system (`release_freed_memory`).
+images decode at once, and how many estimated bytes of decoded images are held (429 past
+it). Memory freed after a large decode is handed back to the system (`release_freed_memory`).
 
 Not handled here: resizing policy beyond "make it the requested size", colour management,
 animated images (the first frame is used; the others are never decoded).
@@ -53,11 +53,13 @@ def decode_bytes_estimate(image: Image.Image) -> int:
 
 
 class DecodeGate:
-    """At most `max_decodes` images and `max_bytes` estimated bytes being decoded at once.
+    """At most `max_decodes` images decoding at once, and `max_bytes` estimated bytes of
+    decoded images held at once.
 
-    A reservation lasts while the decoded image is alive at full size (until the request has
-    made its job). Full: wait up to `wait_s`, then 429 with Retry-After. Thread-safe: decoding
-    runs on the threadpool.
+    A decode takes a slot while it runs (`reserve`, then `decoded`); its bytes stay reserved
+    while the decoded image is alive at full size (until the request has made its job from
+    it: `release`). Full: wait up to `wait_s`, then 429 with Retry-After. Thread-safe:
+    decoding runs on the threadpool.
     """
 
     def __init__(self, max_decodes: int, max_bytes: int, wait_s: float = 1.0) -> None:
@@ -70,11 +72,12 @@ class DecodeGate:
 
     @property
     def in_use(self) -> tuple[int, int]:
-        """(decodes, bytes) reserved now."""
+        """(decodes running, bytes reserved) now."""
         with self._cond:
             return self._decodes, self._bytes
 
     def reserve(self, nbytes: int, param: str) -> None:
+        """A decode slot and `nbytes`; 429 when they can't be had within `wait_s`."""
         if nbytes > self.max_bytes:
             raise APIError(400, f"'{param}' would take about {nbytes // 2**20} MiB to decode; "
                            f"at most {self.max_bytes // 2**20} MiB are accepted", param,
@@ -89,9 +92,15 @@ class DecodeGate:
             self._decodes += 1
             self._bytes += nbytes
 
-    def release(self, nbytes: int) -> None:
+    def decoded(self) -> None:
+        """A decode finished (or failed): its slot is free, its bytes stay reserved."""
         with self._cond:
             self._decodes -= 1
+            self._cond.notify_all()
+
+    def release(self, nbytes: int) -> None:
+        """The decoded image is gone: its bytes are free."""
+        with self._cond:
             self._bytes -= nbytes
             self._cond.notify_all()
         if nbytes >= _TRIM_AFTER_BYTES:
@@ -99,16 +108,31 @@ class DecodeGate:
 
 
 class Decoding:
-    """The reservations one request holds; `DecodeGate.session` releases them all at the end."""
+    """One request's decodes; `decoding_session` releases their bytes at the end. A request's
+    images together may hold at most the gate's `max_bytes` (else 400: it could never fit)."""
 
     def __init__(self, gate: DecodeGate | None) -> None:
         self.gate = gate
         self.reserved: list[int] = []
 
-    def reserve(self, nbytes: int, param: str) -> None:
-        if self.gate is not None:
-            self.gate.reserve(nbytes, param)
-            self.reserved.append(nbytes)
+    @contextmanager
+    def decode(self, nbytes: int, param: str) -> Iterator[None]:
+        """Around one decode of about `nbytes`: a slot while it runs, the bytes until the
+        session ends."""
+        if self.gate is None:
+            yield
+            return
+        if sum(self.reserved) + nbytes > self.gate.max_bytes:
+            raise APIError(400, f"'{param}' and the request's other images would take about "
+                           f"{(sum(self.reserved) + nbytes) // 2**20} MiB to decode; at most "
+                           f"{self.gate.max_bytes // 2**20} MiB are accepted", param,
+                           "image_too_large")
+        self.gate.reserve(nbytes, param)
+        self.reserved.append(nbytes)
+        try:
+            yield
+        finally:
+            self.gate.decoded()
 
 
 @contextmanager
@@ -149,9 +173,11 @@ def decode_image(data: bytes, param: str, decoding: Decoding | None = None) -> I
     try:
         image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)  # reads the header only
         _check_header(image, param)
-        if decoding is not None:
-            decoding.reserve(decode_bytes_estimate(image), param)
-        image.load()
+        if decoding is None:
+            image.load()
+        else:
+            with decoding.decode(decode_bytes_estimate(image), param):
+                image.load()
     except APIError:
         raise
     except Image.DecompressionBombError:  # PIL's own cap, far above ours, hit in Image.open

@@ -114,30 +114,47 @@ def test_the_decode_gate_bounds_decodes_and_bytes_then_says_429():
     gate.reserve(4 * 2**20, "mask")
     busy = error_of(gate.reserve, 1, "image")  # no decode slot left
     assert (busy.status, busy.param, busy.headers) == (429, "image", {"Retry-After": "1"})
-    gate.release(4 * 2**20)
-    assert error_of(gate.reserve, 7 * 2**20, "image").status == 429  # bytes: 4 + 7 > 10
+    gate.decoded()
+    gate.decoded()  # both decodes done; their 8 MiB stay held
+    assert error_of(gate.reserve, 7 * 2**20, "image").status == 429  # bytes: 8 + 7 > 10
     assert error_of(gate.reserve, 11 * 2**20, "image").status == 400  # never fits
+    gate.release(4 * 2**20)
     gate.release(4 * 2**20)
     assert gate.in_use == (0, 0)
 
 
 def test_a_decoding_session_releases_what_it_reserved_even_on_failure():
-    gate = DecodeGate(max_decodes=4, max_bytes=2**30)
+    gate = DecodeGate(max_decodes=1, max_bytes=2**30)
     buffer = io.BytesIO()
     Image.new("RGBA", (64, 32)).save(buffer, format="PNG")
     with pytest.raises(RuntimeError), decoding_session(gate) as decoding:
-        image = decode_image(buffer.getvalue(), "image", decoding)
-        assert gate.in_use == (1, decode_bytes_estimate(image))
+        first = decode_image(buffer.getvalue(), "image", decoding)
+        second = decode_image(buffer.getvalue(), "image", decoding)  # one slot: reused
+        assert gate.in_use == (0, 2 * decode_bytes_estimate(first))
+        assert second.size == (64, 32)
         raise RuntimeError("the request failed later")
+    assert gate.in_use == (0, 0)
+
+
+def test_a_request_whose_images_could_never_fit_together_is_a_400():
+    gate = DecodeGate(max_decodes=4, max_bytes=decode_bytes_estimate(
+        Image.new("RGB", (64, 64))) * 2)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    with decoding_session(gate) as decoding:
+        decode_image(buffer.getvalue(), "image", decoding)
+        decode_image(buffer.getvalue(), "image", decoding)
+        error = error_of(decode_image, buffer.getvalue(), "mask", decoding)
+    assert (error.status, error.param, error.code) == (400, "mask", "image_too_large")
     assert gate.in_use == (0, 0)
 
 
 def test_a_waiting_decode_gets_the_slot_when_one_is_released():
     gate = DecodeGate(max_decodes=1, max_bytes=2**20, wait_s=5.0)
     gate.reserve(10, "image")
-    threading.Timer(0.1, gate.release, (10,)).start()
+    threading.Timer(0.1, gate.decoded).start()
     gate.reserve(10, "image")
-    assert gate.in_use == (1, 10)
+    assert gate.in_use == (1, 20)
 
 
 # -- settings ------------------------------------------------------------------------------
