@@ -134,13 +134,22 @@ class HealthWatch:
 
 
 def _probe_forever(host: str, port: int) -> None:
+    printing = threading.Lock()
+
+    def say(line: str) -> None:
+        # Two threads print: one locked write per line, or a loaded machine interleaves them
+        # ("200stall ...").
+        with printing:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
     def ticker() -> None:
         last = time.monotonic()
         while True:
             time.sleep(0.01)
             now = time.monotonic()
             if now - last > STALL_S:
-                print(f"stall {last:.4f} {now:.4f}", flush=True)
+                say(f"stall {last:.4f} {now:.4f}")
             last = now
 
     threading.Thread(target=ticker, daemon=True).start()
@@ -154,7 +163,7 @@ def _probe_forever(host: str, port: int) -> None:
             response.read()
             status = response.status
         connection.close()
-        print(f"probe {start:.4f} {time.monotonic():.4f} {status}", flush=True)
+        say(f"probe {start:.4f} {time.monotonic():.4f} {status}")
         time.sleep(INTERVAL_S)
 
 
