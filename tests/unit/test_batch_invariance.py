@@ -10,6 +10,7 @@ batch's size), which is what the mode exists to remove.
 from __future__ import annotations
 
 import pathlib
+import pickle
 import threading
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks import ModularPipeline
-from blocks.batch_invariance import _whole_steps, batch_invariant
+from blocks.batch_invariance import _thread, _whole_steps, batch_invariant
 from blocks.flux2.tiny_model import write_tiny_flux2_klein
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
 
@@ -146,20 +147,40 @@ def test_in_place_and_keyword_calls_keep_their_meaning() -> None:
         assert torch.equal(F.linear(input=x, weight=torch.eye(50)), F.linear(x, torch.eye(50)))
 
 
-def test_mode_is_per_thread_and_only_for_the_cpu() -> None:
+def test_rerouting_is_per_thread_and_only_for_the_cpu() -> None:
     seen: list[bool] = []
 
     def other_thread() -> None:
-        seen.append(torch.overrides._is_torch_function_mode_enabled())
+        seen.append(_thread.rerouting)
 
     with batch_invariant():
-        assert torch.overrides._is_torch_function_mode_enabled()
+        assert _thread.rerouting
         worker = threading.Thread(target=other_thread)
         worker.start()
         worker.join()
-    assert seen == [False]
-    with batch_invariant("cuda"):  # not covered, so not entered (and no dispatch cost)
-        assert not torch.overrides._is_torch_function_mode_enabled()
+    assert seen == [False] and not _thread.rerouting
+    with batch_invariant("cuda"):  # not covered, so not entered
+        assert not _thread.rerouting
+
+
+class _KeepsItsActivation(torch.nn.Module):
+    """Takes its function when built, like transformers' GELUActivation (`self.act = F.gelu`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = F.silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+def test_functions_kept_by_a_model_are_rerouted_and_pickle() -> None:
+    model = pickle.loads(pickle.dumps(_KeepsItsActivation()))  # the weight pool pickles modules
+    x = torch.randn(40, 37, generator=torch.Generator().manual_seed(0))  # rows: not whole steps
+    with batch_invariant():
+        full = model(x)
+        for row in range(40):
+            assert torch.equal(model(x[row:row + 1])[0], full[row]), row
 
 
 def test_padding_makes_every_thread_chunk_whole_simd_steps() -> None:
