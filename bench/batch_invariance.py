@@ -3,10 +3,12 @@
 For each family's tiny checkpoint (random-weight SD, the trained shapes SD model, FLUX.2
 [klein]), one blockserve pipeline is timed with diffusers' default kernels and under
 `blocks.batch_invariance.batch_invariant()`, interleaved (default, invariant, default, ...,
-order swapped every round) after warm-up, for a lone image and a batch of 8. Prints median
-seconds per call and the ratio invariant / default, and for each kernel set the largest
-difference between an image made in the batch and the same image made alone (float, and how
-many 8-bit values differ): what the mode exists to remove. With `--parallel N`, also the
+order swapped every round) after warm-up, for a lone image and a batch of 8, with one torch
+thread by default. Prints median seconds per call and the ratio invariant / default (the
+median of each round's pair: a burst of load from elsewhere on the machine hits a round, not a
+kernel set), and for each kernel set the largest difference between an image made in the
+batch and the same image made alone (float, and how many 8-bit values differ): what the
+invariant kernels exist to remove. With `--parallel N`, also the
 pipeline's own ceiling for a server with N engine workers: images/s of N threads, each with its
 own pipeline objects (shared weights) making batches of 8 — no HTTP, no queue.
 
@@ -122,7 +124,7 @@ def main() -> None:
     print(f"{args.steps} steps, {args.size}x{args.size}, float32, {args.threads} thread(s), "
           f"median of {args.runs} interleaved calls\n")
     header = (f"{'model':<26} | {'images':>6} | {'default s':>9} | {'invariant s':>11} | "
-              f"{'ratio':>6}")
+              f"{'ratio':>6}")  # ratio: median over rounds of invariant / default
     with tempfile.TemporaryDirectory() as folder:
         for name, path in checkpoints(Path(folder)).items():
             run = runner(path, args.steps, args.size)
@@ -138,8 +140,10 @@ def main() -> None:
                         run(count, invariant)
                         times[invariant].append(time.perf_counter() - start)
                 default, invariant = (statistics.median(times[k]) for k in (False, True))
+                ratio = statistics.median([a / b for a, b in zip(times[True], times[False],
+                                                                  strict=True)])
                 print(f"{name:<26} | {count:>6} | {default:9.4f} | {invariant:11.4f} | "
-                      f"{invariant / default:5.2f}x")
+                      f"{ratio:5.2f}x")
             for invariant in (False, True):
                 worst, values = batch_vs_alone(run, invariant)
                 print(f"  {'invariant' if invariant else 'default'} kernels: batch of 8 vs each "

@@ -153,7 +153,9 @@ def _interpolate(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 _INPLACE_POSITION = {"silu": 0, "mish": 0, "elu": 1}  # of `inplace` among the args after x
 # Floats per step of ATen's vectorised loop: 2 vectors of 16 with AVX-512 (of 8 with AVX2).
 _SIMD_STEP = 32
-_GRAIN_SIZE = 32768  # ATen's: a smaller tensor is never split between threads
+# The smallest tensor ATen splits between threads: gelu's (above it, one chunk per thread);
+# most element-wise ops only split above 32768.
+_GRAIN_SIZE = 16384
 _STEP_MULTIPLES: dict[int, int] = {}  # intra-op threads -> the multiple every chunk needs
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import ray
 import torch
 
+import blocks.batch_invariance  # noqa: F401  before any load: models keep its rerouted functions
 from blocks import ModularPipeline
 from blocks.components_manager import EvictionCandidate, plan_eviction
 from deployments.weight_arena import (

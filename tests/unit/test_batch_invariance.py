@@ -115,6 +115,16 @@ def test_rerouted_ops_give_each_sample_its_alone_value(threads: int) -> None:
         assert torch.equal(F.linear(time_rows[6:], weight, bias)[0], full[6])
 
 
+def test_gelu_split_between_threads_keeps_whole_steps(threads: int) -> None:
+    # 20000 elements: below most ops' threading grain (32768), above gelu's (16384), so at two
+    # threads gelu alone splits it, at row 10; each chunk must still be whole SIMD steps.
+    x = torch.randn(20, 1000, generator=torch.Generator().manual_seed(0))
+    with batch_invariant():
+        full = F.gelu(x, approximate="tanh")
+        for row in (9, 19):  # each ends a chunk
+            assert torch.equal(F.gelu(x[row:row + 1], approximate="tanh")[0], full[row])
+
+
 def test_values_stay_those_of_the_default_kernels_to_float_rounding() -> None:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(3, 8, 12, 12, generator=generator)
