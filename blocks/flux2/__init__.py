@@ -34,9 +34,12 @@ from blocks.flux2.modular_blocks import (
     Flux2KleinText2ImageDenoiseStep,
     Flux2KleinVaeEncoderStep,
 )
+from blocks.flux2.step_cache import Flux2TransformerCacheHooks
 from blocks.lora import register_module_names
+from blocks.step_cache import register_cache_hooks
 
 register_blocks_class(Flux2KleinAutoBlocks)
+register_cache_hooks(Flux2TransformerCacheHooks())
 register_family(("Flux2KleinPipeline",), lambda index: Flux2KleinAutoBlocks())
 register_module_names(Flux2Transformer2DModel, bfl_module_names)  # kohya LoRA files
 

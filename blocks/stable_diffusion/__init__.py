@@ -53,7 +53,10 @@ from blocks.stable_diffusion.modular_blocks import (
     StableDiffusionInpaintVaeEncoderStep,
     StableDiffusionText2ImageDenoiseStep,
 )
+from blocks.stable_diffusion.step_cache import UNetDeepCacheHooks
+from blocks.step_cache import register_cache_hooks
 
+register_cache_hooks(UNetDeepCacheHooks())
 register_blocks_class(StableDiffusionAutoBlocks)
 register_blocks_class(StableDiffusionControlNetAutoBlocks)
 register_family(
