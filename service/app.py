@@ -31,6 +31,7 @@ from service.models_file import ModelsFile, load_models_file
 from service.openapi import build_openapi
 from service.placement import Placement
 from service.registry import READY, ModelRegistry
+from service.result_cache import ResultCache
 from service.routes import health as health_routes
 from service.routes import images as image_routes
 from service.routes import jobs as job_routes
@@ -85,11 +86,13 @@ def create_app(
                       settings.job_store_bytes),
         created=int(time.time()),
         decodes=DecodeGate(settings.max_decodes, settings.max_decode_bytes),
+        results=ResultCache(settings.result_cache_bytes, on_lookup=metrics.result_cache_lookup),
     )
     metrics.watch(
         queued=lambda: engine.queued,
         running=lambda: engine.running,
         ready=lambda: sum(s["state"] == READY for s in registry.states().values()),
+        result_cache_bytes=lambda: context.results.nbytes,
     )
 
     @asynccontextmanager

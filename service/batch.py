@@ -22,6 +22,7 @@ a model that must be bit-exact sets `max_batch_size: 1`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from blocks import GenerationCancelled
 from blocks.batch_invariance import batch_invariant
+from blocks.step_cache import cacheable_component, step_caching
 from service.jobs import GenerationJob, GenerationResult
 from service.latent_rgb import factors_for
 from service.registry import LoadedModel
@@ -133,9 +135,13 @@ def run_batch(
         return not running  # True stops the call: every member has stopped
 
     pipe = model.pipeline(jobs[0].scheduler, worker)
+    step_cache = jobs[0].step_cache  # one job: see GenerationJob.batch_key
+    caching = (contextlib.nullcontext() if step_cache is None else
+               step_caching(cacheable_component(pipe.components), step_cache,
+                            None if jobs[0].strength is not None else jobs[0].steps))
     start = time.perf_counter()
     try:
-        with batch_invariant(pipe.device):
+        with batch_invariant(pipe.device), caching:
             images = pipe(**batch_inputs(model, jobs), output="images",
                           callback_on_step_end=on_step_end)
     except GenerationCancelled:

@@ -2,7 +2,8 @@
 
     blockserve serve [--models FILE] [--host 127.0.0.1] [--port 8000]   the HTTP API
     blockserve generate "a red circle" -o out.png [--model M] [--steps N] [--seed S]
-                        [--size WxH] [--image in.png] [--mask m.png]   one image, no server
+                        [--size WxH] [--image in.png] [--mask m.png] [--step-cache METHOD]
+                        one image, no server
     blockserve models [--models FILE]                                  the configured models
     blockserve demo "a red circle" -o out.png      run the built-in demo pipeline
     blockserve tiny-model sd OUT_DIR [--controlnet] [--depth] [--inpaint]
@@ -14,6 +15,7 @@
                         train the tiny shapes SD model on the CPU (47 min at the defaults)
     blockserve eval-shapes [CHECKPOINT] [--prompts 50] [--steps N] [--guidance-scale G]
                         [--seed 0] [--grid grid.png] [--per-prompt] [--models FILE]
+                        [--step-cache METHOD]
                         score prompt adherence; exit 1 below the thresholds
                         (CHECKPOINT: the models file's default model)
 
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", type=Path, help="edit this image (image-to-image)")
     generate.add_argument("--mask", type=Path, help="with --image: inpaint where transparent")
     generate.add_argument("--strength", type=float, help="with --image: how much to change")
+    generate.add_argument("--step-cache", metavar="METHOD",
+                          help="off or one of the model's step-cache methods (default: the "
+                               "models file's)")
 
     models = commands.add_parser("models", help="list the configured models")
     models.add_argument("--models", type=Path, help="models file (YAML)")
@@ -149,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance-scale", type=_non_negative,
                           help="default: the trained default (5)")
     evaluate.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    evaluate.add_argument("--step-cache", metavar="METHOD",
+                          help="off (default) or deepcache: skip the UNet's deep levels "
+                               "between full steps")
     evaluate.add_argument("--grid", type=Path,
                           help=f"write the first {GRID_IMAGES} images as a labelled grid (PNG)")
     evaluate.add_argument("--per-prompt", action="store_true",
@@ -240,11 +248,16 @@ def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         prompts = evaluation.evaluation_combinations(args.prompts)
     except ValueError as error:
         parser.error(f"--prompts {args.prompts}: {error}")
+    from blocks.step_cache import InvalidStepCache
+
     options = {"steps": args.steps, "guidance_scale": args.guidance_scale}
-    report = evaluation.evaluate_shapes(
-        checkpoint, prompts, seed=args.seed, progress=True,
-        **{k: v for k, v in options.items() if v is not None}
-    )
+    try:
+        report = evaluation.evaluate_shapes(
+            checkpoint, prompts, seed=args.seed, progress=True, step_cache=args.step_cache,
+            **{k: v for k, v in options.items() if v is not None}
+        )
+    except InvalidStepCache as error:
+        parser.error(f"--step-cache: {error}")
     print(evaluation.format_report(report, per_prompt=args.per_prompt))
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
@@ -345,6 +358,7 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         "seed": args.seed, "guidance_scale": args.guidance_scale,
         "negative_prompt": args.negative_prompt, "scheduler": args.scheduler,
         "size": f"{args.size[0]}x{args.size[1]}" if args.size else None,
+        "step_cache": args.step_cache,
     }
     request_class = ImageGenerationRequest if args.image is None else ImageEditRequest
     edit_fields = {} if args.image is None else {"image": "(file)", "strength": args.strength}

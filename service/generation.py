@@ -39,16 +39,31 @@ FileURL = Callable[[str], str]  # file id -> the URL it is served at
 
 
 def submit(ctx: ServiceContext, job: GenerationJob) -> Future[GenerationResult]:
-    """Queue `job` on the engine: 429 when the queue is full, 503 when it is shutting down."""
+    """Queue `job` on the engine: 429 when the queue is full, 503 when it is shutting down.
+    An exact repeat of a finished job is answered from the result cache instead (a resolved
+    future), and a job that succeeds is stored there."""
     job.timeout_seconds = ctx.settings.request_timeout_seconds
+    stored = ctx.results.get(job)
+    if stored is not None:
+        future: Future[GenerationResult] = Future()
+        future.set_result(stored)
+        return future
     try:
-        return ctx.engine.submit(job)
+        future = ctx.engine.submit(job)
+        if ctx.results.enabled:
+            future.add_done_callback(lambda done: _store(ctx, job, done))
+        return future
     except QueueFull as error:
         raise APIError(429, f"server busy: {error}; retry after {error.retry_after}s", None,
                        "queue_full", {"Retry-After": str(error.retry_after)}) from None
     except EngineBusy as error:
         raise APIError(503, f"server unavailable: {error}; retry later", None,
                        "server_busy", {"Retry-After": str(error.retry_after)}) from None
+
+
+def _store(ctx: ServiceContext, job: GenerationJob, done: Future[GenerationResult]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        ctx.results.put(job, done.result())
 
 
 def outcome_error(error: BaseException, job: GenerationJob) -> APIError | None:

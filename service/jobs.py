@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from blocks import GenerationCancelled
+from blocks.step_cache import StepCacheConfig
 
 CANCELLED, TIMEOUT = "cancelled", "timeout"  # why a job was stopped
 
@@ -65,6 +66,7 @@ class GenerationJob:
     # One input image, or several reference images (image_conditioned workflows).
     image: Image.Image | list[Image.Image] | None = None
     mask: Image.Image | None = None  # white = repaint
+    step_cache: StepCacheConfig | None = None  # None: every step runs the whole denoiser
     listener: JobListener | None = None
     # (step, total) -> whether this step's progress should carry preview images.
     wants_preview: Callable[[int, int], bool] | None = None
@@ -90,8 +92,11 @@ class GenerationJob:
         """Jobs with equal keys may run in one pipeline call without changing any image:
         everything the pipeline takes as one value for the whole batch must be equal, and
         whether a negative prompt is given (a list of them can't say "none" for one member).
-        Edits carry their own image, so each runs alone (its key includes its id)."""
-        alone = self.id if self.image is not None or self.mask is not None else None
+        Edits carry their own image, so each runs alone (its key includes its id); so does a
+        job with step caching, whose skip decisions must be its own (a pipeline call decides
+        once for all its rows)."""
+        alone = (self.id if self.image is not None or self.mask is not None
+                 or self.step_cache is not None else None)
         return (self.model, self.workflow, self.width, self.height, self.steps,
                 self.guidance_scale, self.scheduler, self.strength,
                 self.negative_prompt is not None, alone)

@@ -20,6 +20,9 @@
                                                           disconnect) while queued or running
     blockserve_timeouts_total{model,stage}                jobs stopped at their deadline
     blockserve_models_ready                               models loaded and ready
+    blockserve_result_cache_lookups_total{model,result}   exact-repeat cache lookups: hit or
+                                                          miss (none while the cache is off)
+    blockserve_result_cache_bytes                         pixels the result cache holds
 
 Labels only ever carry configured model names and known workflows, never request text, so
 their number stays bounded. The component series are read from the ComponentsManager when
@@ -143,6 +146,14 @@ class ServiceMetrics:
         )
         self.models_ready = Gauge("blockserve_models_ready", "Models loaded and ready.",
                                   registry=self.registry)
+        self.result_cache_lookups = Counter(
+            "blockserve_result_cache_lookups_total",
+            "Exact-repeat result cache lookups, by model and result (hit or miss).",
+            ["model", "result"], registry=self.registry,
+        )
+        self.result_cache_bytes = Gauge("blockserve_result_cache_bytes",
+                                        "Bytes of pixels held by the result cache.",
+                                        registry=self.registry)
         self._components = _ComponentsCollector(manager)
         self.registry.register(self._components)
 
@@ -165,10 +176,14 @@ class ServiceMetrics:
                                   method if method in _METHODS else "other", str(status)).inc()
 
     def watch(self, queued: Callable[[], int], running: Callable[[], int],
-              ready: Callable[[], int]) -> None:
+              ready: Callable[[], int], result_cache_bytes: Callable[[], int]) -> None:
         self.queue_depth.set_function(queued)
         self.inflight_jobs.set_function(running)
         self.models_ready.set_function(ready)
+        self.result_cache_bytes.set_function(result_cache_bytes)
+
+    def result_cache_lookup(self, model: str, hit: bool) -> None:
+        self.result_cache_lookups.labels(model, "hit" if hit else "miss").inc()
 
     # The engine's observer (service.engine.EngineObserver) ------------------------------
 

@@ -18,6 +18,9 @@ by pydantic so a bad file fails at start with every problem named:
                                         # BLOCKSERVE_MAX_BATCH_SIZE setting
         aliases: [gpt-image-1]          # optional: other names requests may use (clients
                                         # that hard-code a model name)
+        step_cache: {method: deepcache, interval: 3}   # optional: the step caching requests
+                                        # get unless they say `step_cache: "off"` or name a
+                                        # method (`blocks.step_cache` lists methods, params)
 
 The first model is the default for requests that name none. Only these models can ever be
 requested: a request never names a path or repo id. In `path`, `${VAR}` and `${VAR:-default}`
@@ -30,11 +33,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from blocks.step_cache import InvalidStepCache, StepCacheConfig, step_cache_config
 from service.families import FAMILIES
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -120,6 +124,24 @@ class ModelConfig(BaseModel):
     aliases: tuple[str, ...] = Field(
         (), description="Other names requests may use for this model (e.g. gpt-image-1)."
     )
+    step_cache: str | dict[str, Any] | None = Field(
+        None, description="Default step caching: a method name or {method: ..., params}; "
+                          "None or 'off': none. Checked against the denoiser when loaded.",
+    )
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        try:
+            step_cache_config(value)
+        except InvalidStepCache as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @property
+    def step_cache_config(self) -> StepCacheConfig | None:
+        """The default step caching, with its parameters' defaults filled in."""
+        return step_cache_config(self.step_cache)
 
     @field_validator("aliases")
     @classmethod

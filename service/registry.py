@@ -34,6 +34,13 @@ from typing import Any
 import torch
 
 from blocks import ComponentsManager, ModularPipeline, ModularPipelineBlocks
+from blocks.step_cache import (
+    StepCacheConfig,
+    cache_methods,
+    cacheable_component,
+    hooks_for,
+    step_cache_config,
+)
 from service.block_timing import with_block_timing
 from service.block_tree import block_tree
 from service.families import FAMILIES, FamilySupport
@@ -70,6 +77,8 @@ class LoadedModel:
     workflows: tuple[str, ...]
     input_names: frozenset[str]
     tree: dict[str, Any]
+    step_cache_methods: tuple[str, ...] = ()  # what its denoiser supports
+    step_cache: StepCacheConfig | None = None  # the models file's default (checked)
     _variants: dict[tuple[str | None, int], ModularPipeline] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _manager: Any = None
@@ -268,6 +277,12 @@ class ModelRegistry:
             self._on_components_loaded(config.name, loaded_count)
         scheduler = base.components.get("scheduler")
         default_scheduler = family.scheduler_name_of(scheduler) if scheduler else None
+        denoiser = cacheable_component(base.components)
+        methods = cache_methods(denoiser)
+        step_cache = step_cache_config(config.step_cache, owner=f"models.{config.name}.step_cache",
+                                       allowed=methods)
+        if step_cache is not None:
+            hooks_for(denoiser).check(step_cache, denoiser, f"models.{config.name}.step_cache")
         return LoadedModel(
             config=config,
             family=family,
@@ -277,6 +292,8 @@ class ModelRegistry:
             workflows=tuple(getattr(blocks, "available_workflows", ()) or ("text2image",)),
             input_names=frozenset(blocks.input_names),
             tree=tree,
+            step_cache_methods=methods,
+            step_cache=step_cache,
             _manager=self.manager,
         )
 

@@ -42,6 +42,11 @@ class ImageRequestFields(BaseModel):
                              description="Extension: image i uses seed + i; random if absent.")
     scheduler: str | None = Field(None, max_length=64,
                                   description="Extension: one of the model's schedulers.")
+    step_cache: str | None = Field(
+        None, max_length=64,
+        description="Extension: 'off' or one of the model's step-cache methods (GET "
+                    "/v1/models/{id} lists them), with its default parameters; absent: the "
+                    "model's default.")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(None, ge=0, le=100,
@@ -223,6 +228,10 @@ class ModelDetail(ModelCard):
     defaults: dict
     limits: dict
     blocks: dict | None = Field(None, description="The block tree (null until loaded).")
+    step_cache: dict = Field(
+        default_factory=dict,
+        description="Step caching: `methods` a request's step_cache may name (besides "
+                    "'off') and the model's `default` ('off' or a method and parameters).")
     placement: dict | None = Field(
         None, description="Ray mode: the deployment and replica count running each heavy "
                           "block; absent in embedded mode.")

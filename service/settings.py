@@ -31,6 +31,9 @@ line flags override the environment (`Settings.from_env(port=...)`).
     BLOCKSERVE_TORCH_THREADS     torch threads per worker; default OMP_NUM_THREADS when set,
                                  else (cores - 1) / workers: one core stays free, so a busy
                                  machine does not stall every op (`service.torch_threads`)
+    BLOCKSERVE_RESULT_CACHE_BYTES  0 (off); pixels of finished jobs kept to answer an exact
+                                 repeat (same model, inputs and seed) without running it,
+                                 least recently used dropped first (`service.result_cache`)
     BLOCKSERVE_JOB_TTL_SECONDS   600; how long a finished /v1/jobs job stays readable
     BLOCKSERVE_MAX_FINISHED_JOBS 256; finished jobs kept at most (the oldest are forgotten)
     BLOCKSERVE_JOB_STORE_BYTES   128 MiB; bytes of finished jobs' results kept at most (the
@@ -118,6 +121,10 @@ class Settings(BaseModel):
     batch_window_ms: float = Field(
         5.0, ge=0, le=10_000,
         description="How long an idle engine waits for compatible requests to batch with.",
+    )
+    result_cache_bytes: int = Field(
+        0, ge=0, le=2**40,
+        description="Pixels of finished jobs kept for exact repeats (bytes); 0 turns it off.",
     )
     job_ttl_seconds: float = Field(
         600.0, gt=0, le=7 * 24 * 3600, description="How long a finished job stays readable."

@@ -12,6 +12,7 @@ import secrets
 
 from PIL import Image
 
+from blocks.step_cache import InvalidStepCache, step_cache_config
 from service.errors import APIError
 from service.image_io import as_rgb, mask_for_pipeline, resize_to
 from service.jobs import GenerationJob
@@ -190,11 +191,20 @@ def build_job(
             rgb = [resize_to(each, width, height, Image.LANCZOS) for each in rgb]
         pipeline_image = input_images(rgb, model, workflow)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    step_cache = model.step_cache
+    if request.step_cache is not None:
+        try:
+            step_cache = step_cache_config(request.step_cache, "step_cache",
+                                           model.step_cache_methods)
+        except InvalidStepCache as error:
+            raise APIError(400, f"{error} (model '{model.name}')", "step_cache",
+                           "invalid_value") from None
     return GenerationJob(
         model=model.name, workflow=workflow, prompt=prompt, n=n, width=width, height=height,
         steps=steps, seed=seed, negative_prompt=request.negative_prompt,
         guidance_scale=guidance, scheduler=scheduler if scheduler != model.default_scheduler
         else None, strength=strength, image=pipeline_image, mask=pipeline_mask,
+        step_cache=step_cache,
     )
 
 

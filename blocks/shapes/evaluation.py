@@ -27,6 +27,7 @@ from blocks.shapes.dataset import (
 )
 from blocks.shapes.scoring import ShapeReading, read_shape
 from blocks.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+from blocks.step_cache import cache_methods, cacheable_component, step_cache_config, step_caching
 
 DEFAULT_PROMPT_COUNT = 50
 # What the committed checkpoint must reach (issue 11), per metric, over all prompts.
@@ -76,6 +77,7 @@ class ShapesReport:
     steps: int
     guidance_scale: float
     results: list[PromptResult]
+    step_cache: str = "off"  # the step caching the images were made with
 
     def accuracy(self, split: str = "all") -> dict[str, float]:
         """Share of correct readings per metric for "seen", "held_out" or "all" prompts."""
@@ -117,13 +119,15 @@ def evaluate_shapes(
     seed: int = 0,
     pipeline: Any = None,
     progress: bool = False,
+    step_cache: Any = None,
 ) -> ShapesReport:
     """Generate and score one image per prompt.
 
     `prompts` is a count (see `evaluation_combinations`) or explicit (shape, colour,
     background) combinations. Prompt i uses `torch.Generator().manual_seed(seed + i)`.
     `pipeline` reuses an already loaded pipeline for `checkpoint`. `progress` draws a
-    progress bar with the time left on stderr.
+    progress bar with the time left on stderr. `step_cache`: a step-cache method or
+    `{method, ...params}` for the UNet (`blocks.step_cache`; None or "off": none).
     """
     from tqdm.auto import tqdm
 
@@ -132,21 +136,25 @@ def evaluate_shapes(
     results = []
     bar = tqdm(combos, desc="eval-shapes", unit="prompt", disable=not progress,
                dynamic_ncols=True)
+    denoiser = cacheable_component(pipe.components)
+    config = step_cache_config(step_cache, "step_cache", cache_methods(denoiser))
     for i, combo in enumerate(bar):
         generator = torch.Generator().manual_seed(seed + i)
         start = time.perf_counter()
-        image = pipe(
-            prompt=caption(*combo),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output="images",
-        )[0]
+        with step_caching(denoiser, config, total=steps):
+            image = pipe(
+                prompt=caption(*combo),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output="images",
+            )[0]
         seconds = time.perf_counter() - start
         results.append(
             PromptResult(combo, combo in HELD_OUT_COMBINATIONS, read_shape(image), seconds, image)
         )
-    return ShapesReport(str(checkpoint), steps, guidance_scale, results)
+    return ShapesReport(str(checkpoint), steps, guidance_scale, results,
+                        "off" if config is None else str(config))
 
 
 def format_report(report: ShapesReport, per_prompt: bool = False) -> str:
@@ -154,6 +162,7 @@ def format_report(report: ShapesReport, per_prompt: bool = False) -> str:
     lines = [
         f"checkpoint {report.checkpoint}: {len(report.results)} prompts, "
         f"{report.steps} steps, guidance {report.guidance_scale:g}, "
+        f"step cache {report.step_cache}, "
         f"{report.seconds_per_image * 1000:.0f} ms/image (median)",
         f"{'split':<10}{'prompts':>8}{'colour':>9}{'background':>12}{'shape':>8}",
     ]

@@ -23,7 +23,7 @@ Not handled here: the decisions (`state.decide`), which requests share a forward
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -153,6 +153,15 @@ def cache_methods(model: Any) -> tuple[str, ...]:
     """The step-cache methods `model` supports (none for an unregistered class)."""
     hooks = hooks_for(model)
     return () if hooks is None else hooks.methods
+
+
+def cacheable_component(components: Mapping[str, Any]) -> torch.nn.Module | None:
+    """The first of a pipeline's `components` whose class has caching hooks (its denoiser),
+    or None."""
+    for component in components.values():
+        if isinstance(component, torch.nn.Module) and hooks_for(component) is not None:
+            return component
+    return None
 
 
 def install_cache_hooks(model: torch.nn.Module) -> ModelCacheHooks:

@@ -1,7 +1,8 @@
 """`GET /v1/models` and `GET /v1/models/{model_id}`: what is served, and how.
 
-The detail view adds the model's workflows, schedulers, sizes, defaults, limits and its block
-tree (every block with its inputs and outputs), read from the loaded pipeline's blocks.
+The detail view adds the model's workflows, schedulers, sizes, defaults, limits, step-cache
+methods and its block tree (every block with its inputs and outputs), read from the loaded
+pipeline.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from blocks.step_cache import OFF
 from service.auth import require_api_key
 from service.context import ServiceContext, service_context
 from service.errors import APIError
@@ -68,6 +70,8 @@ async def get_model(
         schedulers=list(loaded.schedulers),
         default_scheduler=loaded.default_scheduler,
         blocks=loaded.tree,
+        step_cache={"methods": list(loaded.step_cache_methods),
+                    "default": OFF if loaded.step_cache is None else loaded.step_cache.as_dict()},
     )
     placement = getattr(request.app.state, "placement", None)
     if placement is not None:  # Ray mode: where its heavy blocks run
