@@ -63,7 +63,8 @@ def create_app(
     metrics = ServiceMetrics(manager)
     registry = ModelRegistry(models, manager, block_observer=metrics.observe_block,
                              on_components_loaded=metrics.components_loaded,
-                             blocks_transform=placement.transform_blocks if placement else None)
+                             blocks_transform=placement.transform_blocks if placement else None,
+                             lora_observer=metrics.lora_event)
     if engine is None and placement is not None:
         engine = placement.make_engine(registry, settings, metrics)
     for collector in placement.metric_collectors() if placement is not None else []:

@@ -32,6 +32,7 @@ import torch
 
 from blocks import GenerationCancelled
 from blocks.batch_invariance import batch_invariant
+from blocks.lora import adapters_for_call
 from blocks.step_cache import cacheable_component, step_caching
 from service.jobs import GenerationJob, GenerationResult
 from service.latent_rgb import factors_for
@@ -139,9 +140,11 @@ def run_batch(
     caching = (contextlib.nullcontext() if step_cache is None else
                step_caching(cacheable_component(pipe.components), step_cache,
                             None if jobs[0].strength is not None else jobs[0].steps))
+    loras = dict(jobs[0].loras)  # equal for the batch (`batch_key`)
     start = time.perf_counter()
     try:
-        with batch_invariant(pipe.device), caching:
+        with model.using_loras(list(loras)), adapters_for_call(loras), \
+                batch_invariant(pipe.device), caching:
             images = pipe(**batch_inputs(model, jobs), output="images",
                           callback_on_step_end=on_step_end)
     except GenerationCancelled:

@@ -29,6 +29,7 @@ from service.errors import APIError
 from service.image_io import b64, encode_image, media_type
 from service.job_store import JobRecord
 from service.jobs import GenerationJob, GenerationResult, GenerationTimedOut
+from service.lora_cache import LoraLoadError
 from service.openai_options import end_user, prompt_tokens, quality_label, usage
 from service.registry import ModelNotReady
 from service.schemas import ImageRequestFields
@@ -81,6 +82,8 @@ def outcome_error(error: BaseException, job: GenerationJob) -> APIError | None:
                         "server_busy", {"Retry-After": str(error.retry_after)})
     if isinstance(error, ModelNotReady):
         return APIError(503, str(error), "model", "model_unavailable")
+    if isinstance(error, LoraLoadError):  # the server's adapter file, not the request
+        return APIError(500, str(error), "loras", "lora_unavailable")
     if isinstance(error, ValueError):
         # Blocks reject inputs they can't use with a ValueError naming the block and the valid
         # values (e.g. a reference image too small): the client's input, so a 400, not a 500.

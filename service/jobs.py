@@ -67,6 +67,8 @@ class GenerationJob:
     image: Image.Image | list[Image.Image] | None = None
     mask: Image.Image | None = None  # white = repaint
     step_cache: StepCacheConfig | None = None  # None: every step runs the whole denoiser
+    # LoRA adapters (name, scale), names among the model's allowed ones; () for none.
+    loras: tuple[tuple[str, float], ...] = ()
     listener: JobListener | None = None
     # (step, total) -> whether this step's progress should carry preview images.
     wants_preview: Callable[[int, int], bool] | None = None
@@ -99,7 +101,7 @@ class GenerationJob:
                  or self.step_cache is not None else None)
         return (self.model, self.workflow, self.width, self.height, self.steps,
                 self.guidance_scale, self.scheduler, self.strength,
-                self.negative_prompt is not None, alone)
+                self.negative_prompt is not None, self.loras, alone)
 
     @property
     def deadline(self) -> float | None:

@@ -23,8 +23,12 @@
     blockserve_result_cache_lookups_total{model,result}   exact-repeat cache lookups: hit or
                                                           miss (none while the cache is off)
     blockserve_result_cache_bytes                         pixels the result cache holds
+    blockserve_lora_requests_total{model,lora}            requests (jobs) using each adapter
+    blockserve_lora_loads_total{model,lora}               adapters loaded (first use, or again
+                                                          after an eviction)
+    blockserve_lora_evictions_total{model,lora}           adapters unloaded to make room
 
-Labels only ever carry configured model names and known workflows, never request text, so
+Labels only ever carry configured model, workflow and adapter names, never request text, so
 their number stays bounded. The component series are read from the ComponentsManager when
 scraped, not pushed.
 """
@@ -154,6 +158,15 @@ class ServiceMetrics:
         self.result_cache_bytes = Gauge("blockserve_result_cache_bytes",
                                         "Bytes of pixels held by the result cache.",
                                         registry=self.registry)
+        self.lora_events = {
+            event: Counter(f"blockserve_lora_{name}_total", help_text, ["model", "lora"],
+                           registry=self.registry)
+            for event, name, help_text in (
+                ("request", "requests", "Jobs using each LoRA adapter."),
+                ("load", "loads", "LoRA adapters loaded (on first use or after an eviction)."),
+                ("evict", "evictions", "LoRA adapters unloaded to make room for another."),
+            )
+        }
         self._components = _ComponentsCollector(manager)
         self.registry.register(self._components)
 
@@ -165,6 +178,10 @@ class ServiceMetrics:
     def components_loaded(self, _model: str, count: int) -> None:
         with self._components._lock:
             self._components.storage_loads += count
+
+    def lora_event(self, event: str, model: str, lora: str) -> None:
+        """`service.lora_cache`'s observer: event is request, load or evict."""
+        self.lora_events[event].labels(model, lora).inc()
 
     def observe_request(self, model: str, workflow: str, status: int, seconds: float) -> None:
         self.requests.labels(model, workflow, str(status)).inc()

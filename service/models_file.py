@@ -21,11 +21,18 @@ by pydantic so a bad file fails at start with every problem named:
         step_cache: {method: deepcache, interval: 3}   # optional: the step caching requests
                                         # get unless they say `step_cache: "off"` or name a
                                         # method (`blocks.step_cache` lists methods, params)
+        loras:                          # optional: LoRA adapters requests may ask for by name
+          ink: {source: ./loras/ink.safetensors, scale: 0.8}   # file, folder or Hub repo id;
+                                        # scale: what a request that gives none gets;
+                                        # weight_name: the file in a folder or repo
+        max_loaded_loras: 4             # adapters kept loaded (least recently used go first)
 
 The first model is the default for requests that name none. Only these models can ever be
-requested: a request never names a path or repo id. In `path`, `${VAR}` and `${VAR:-default}`
-are replaced from the environment and `~` is expanded; a relative path is relative to the
-models file's folder. Loading the models is `service.registry`'s job, not this module's.
+requested, and only the adapters listed under `loras`: a request never names a path or repo
+id. In `path` and a LoRA's `source`, `${VAR}` and `${VAR:-default}` are replaced from the
+environment and `~` is expanded; a relative path is relative to the models file's folder (a
+missing local LoRA file is an error at start). Loading the models is `service.registry`'s job,
+not this module's.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SIDE = 4096
 MAX_N = 10  # OpenAI's bound on `n`
+MAX_LORA_SCALE = 10.0
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -103,6 +111,19 @@ class ModelLimits(BaseModel):
     max_guidance_scale: float = Field(20.0, ge=0, le=100, allow_inf_nan=False)
 
 
+class LoraEntry(BaseModel):
+    """A LoRA adapter a model allows (`loras: {NAME: {source, scale}}`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="A LoRA file, a folder holding one, or a "
+                        "Hub repo id (diffusers/peft or kohya keys).")
+    weight_name: str | None = Field(None, min_length=1, description="The file in a folder "
+                                    "or repo; default: pytorch_lora_weights.safetensors.")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
+                         description="The scale of a request that gives none.")
+
+
 class ModelConfig(BaseModel):
     """One served model."""
 
@@ -142,6 +163,19 @@ class ModelConfig(BaseModel):
     def step_cache_config(self) -> StepCacheConfig | None:
         """The default step caching, with its parameters' defaults filled in."""
         return step_cache_config(self.step_cache)
+    loras: dict[str, LoraEntry] = Field(
+        default_factory=dict, description="LoRA adapters requests may name, by name.")
+    max_loaded_loras: int = Field(
+        4, ge=1, le=256, description="Adapters kept loaded at once; the least recently used "
+        "unused one is unloaded to make room.")
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, value: dict[str, LoraEntry]) -> dict[str, LoraEntry]:
+        for name in value:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"lora name {name!r} must match {MODEL_NAME_PATTERN}")
+        return value
 
     @field_validator("aliases")
     @classmethod
@@ -179,6 +213,8 @@ class ModelConfig(BaseModel):
                     f"size {size}: width and height must be multiples of {factor} "
                     f"for family {self.family!r}"
                 )
+        if self.loras and not family.needs_path:
+            raise ValueError(f"family {self.family!r} takes no LoRA adapters")
         if self.sizes and self.defaults.size not in self.sizes:
             raise ValueError(
                 f"defaults.size {self.defaults.size} is not in sizes: {', '.join(self.sizes)}"
@@ -279,7 +315,18 @@ def parse_models(data: object, base_dir: Path, source: str = "models file") -> M
             path = resolve_model_path(expand_env(config.path), base_dir, config.create_tiny)
         except ValueError as error:
             raise ModelsFileError(f"{source}: models.{name}.path: {error}") from None
-        resolved[name] = config.model_copy(update={"path": path})
+        loras = {}
+        for lora, entry in config.loras.items():
+            field = f"models.{name}.loras.{lora}.source"
+            try:
+                lora_source = resolve_model_path(expand_env(entry.source), base_dir, None)
+            except ValueError as error:
+                raise ModelsFileError(f"{source}: {field}: {error}") from None
+            if Path(lora_source).is_absolute() and not Path(lora_source).exists():
+                raise ModelsFileError(f"{source}: {field}: no such file or folder: "
+                                      f"{lora_source}")
+            loras[lora] = entry.model_copy(update={"source": lora_source})
+        resolved[name] = config.model_copy(update={"path": path, "loras": loras})
     return ModelsFile.model_construct(models=resolved)
 
 

@@ -41,7 +41,7 @@ from deployments.remote_block import (
 from service.batch import run_batch
 from service.engine import EngineStopped, QueueFull, _resolve
 from service.jobs import CANCELLED, GenerationJob, GenerationResult
-from service.models_file import ModelsFile, load_models_file
+from service.models_file import ModelsFile, ModelsFileError, load_models_file
 from service.registry import ModelRegistry, ensure_checkpoint
 from service.settings import Settings
 
@@ -290,12 +290,16 @@ def deployment_replicas() -> dict[str, int]:
 
 def heavy_models(models: ModelsFile) -> dict[str, dict[str, Any]]:
     """The deployments' view of the models file: plain data, checkpoints written."""
-    return {
-        name: {"path": ensure_checkpoint(config), "dtype": config.dtype,
-               "device": config.device}
-        for name, config in models.models.items()
-        if config.family not in RAY_FAMILIES_SKIPPED
-    }
+    heavy = {name: config for name, config in models.models.items()
+             if config.family not in RAY_FAMILIES_SKIPPED}
+    for name, config in heavy.items():
+        if config.loras:
+            # The adapters would have to load where the denoiser and text encoder run, and a
+            # request's adapters travel with its remote calls: not built yet.
+            raise ModelsFileError(f"models.{name}.loras: LoRA adapters are served in "
+                                  "embedded mode only (not with --ray yet)")
+    return {name: {"path": ensure_checkpoint(config), "dtype": config.dtype,
+                   "device": config.device} for name, config in heavy.items()}
 
 
 def _router_class() -> Any:

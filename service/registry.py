@@ -18,6 +18,7 @@ which requests run when (that is the engine's job).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -45,6 +46,7 @@ from service.block_timing import with_block_timing
 from service.block_tree import block_tree
 from service.families import FAMILIES, FamilySupport
 from service.latent_rgb import factors_for
+from service.lora_cache import LoraCache, LoraObserver, PipelineLoraLoader
 from service.models_file import ModelConfig, ModelsFile
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,15 @@ class LoadedModel:
     _variants: dict[tuple[str | None, int], ModularPipeline] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _manager: Any = None
+    loras: LoraCache | None = None  # the adapters requests may name, when it allows any
+
+    def using_loras(self, names: list[str]) -> contextlib.AbstractContextManager[None]:
+        """`names` loaded and pinned while the block runs (`LoraCache.using`)."""
+        if not names:
+            return contextlib.nullcontext()
+        if self.loras is None:
+            raise ValueError(f"model {self.name!r} has no LoRA adapters")
+        return self.loras.using(names)
 
     @property
     def name(self) -> str:
@@ -154,6 +165,7 @@ class ModelRegistry:
         block_observer: BlockObserver | None = None,
         on_components_loaded: Callable[[str, int], None] | None = None,
         blocks_transform: BlocksTransform | None = None,
+        lora_observer: LoraObserver | None = None,
     ) -> None:
         self.models = models
         # Ray mode: swaps heavy blocks for remote ones before the pipeline is made.
@@ -161,6 +173,7 @@ class ModelRegistry:
         self.manager = manager if manager is not None else ComponentsManager()
         self._block_observer = block_observer
         self._on_components_loaded = on_components_loaded
+        self._lora_observer = lora_observer
         self._lock = threading.Lock()
         self._states: dict[str, str] = dict.fromkeys(models.models, PENDING)
         self._errors: dict[str, str] = {}
@@ -283,6 +296,10 @@ class ModelRegistry:
                                        allowed=methods)
         if step_cache is not None:
             hooks_for(denoiser).check(step_cache, denoiser, f"models.{config.name}.step_cache")
+        loras = None
+        if config.loras:
+            loras = LoraCache(config.name, config.loras, PipelineLoraLoader(base),
+                              config.max_loaded_loras, self._lora_observer)
         return LoadedModel(
             config=config,
             family=family,
@@ -295,6 +312,7 @@ class ModelRegistry:
             step_cache_methods=methods,
             step_cache=step_cache,
             _manager=self.manager,
+            loras=loras,
         )
 
 

@@ -7,13 +7,30 @@ steps, prompt length, schedulers, workflows) is checked by `service.validation`.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.models_file import MAX_LORA_SCALE
+
 MAX_PROMPT_CHARS = 32_000
 MAX_SEED = 2**63 - 1
 MAX_INPUT_IMAGES = 16  # OpenAI's bound on input images of one edit
+MAX_LORAS = 8  # adapters one request may combine
+
+
+class LoraRequest(BaseModel):
+    """One LoRA adapter a request asks for: a name the model's `loras` list, and a scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, description="One of the model's adapters "
+                      "(GET /v1/models/{id} lists them).")
+    scale: float | None = Field(None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE,
+                                allow_inf_nan=False,
+                                description="How strongly to apply it; default: the "
+                                            "model's scale for it (usually 1).")
 
 
 class ImageRequestFields(BaseModel):
@@ -47,6 +64,11 @@ class ImageRequestFields(BaseModel):
         description="Extension: 'off' or one of the model's step-cache methods (GET "
                     "/v1/models/{id} lists them), with its default parameters; absent: the "
                     "model's default.")
+    loras: list[LoraRequest] | None = Field(
+        None, max_length=MAX_LORAS,
+        description="Extension: LoRA adapters to apply, by name (the model's `loras`), each "
+                    "with an optional scale; several combine. In multipart bodies: a JSON "
+                    "string.")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
         None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(None, ge=0, le=100,
@@ -84,6 +106,18 @@ class ImageRequestFields(BaseModel):
         # `true` as 1; a boolean where a number belongs is a client bug worth reporting.
         if isinstance(value, bool):
             raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        # Multipart forms carry every field as a string: there, `loras` is JSON.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
+                raise ValueError('must be a list like [{"name": "...", "scale": 0.8}] '
+                                 "(JSON in a multipart form)") from None
         return value
 
 
@@ -220,6 +254,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoraInfo(BaseModel):
+    name: str
+    scale: float = Field(description="The scale of a request that gives none.")
+    loaded: bool = Field(description="Loaded now (else loaded on first use).")
+
+
 class ModelDetail(ModelCard):
     workflows: list[str]
     schedulers: list[str]
@@ -232,6 +272,9 @@ class ModelDetail(ModelCard):
         default_factory=dict,
         description="Step caching: `methods` a request's step_cache may name (besides "
                     "'off') and the model's `default` ('off' or a method and parameters).")
+    loras: list[LoraInfo] = Field(default_factory=list,
+                                  description="LoRA adapters requests may name (`loras`).")
+    max_loaded_loras: int = Field(description="Adapters kept loaded at once (LRU).")
     placement: dict | None = Field(
         None, description="Ray mode: the deployment and replica count running each heavy "
                           "block; absent in embedded mode.")

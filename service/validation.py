@@ -125,6 +125,30 @@ def input_images(images: list[Image.Image], model: LoadedModel, workflow: str,
     return images
 
 
+def requested_loras(request: ImageRequestFields, model: LoadedModel,
+                    ) -> tuple[tuple[str, float], ...]:
+    """The request's adapters as (name, scale) pairs, checked against the model's `loras`
+    (an unknown name is a 400 listing the allowed ones; a request never names a file)."""
+    if not request.loras:
+        return ()
+    allowed = model.config.loras
+    chosen: dict[str, float] = {}
+    for index, lora in enumerate(request.loras):
+        param = f"loras[{index}].name"
+        if lora.name not in allowed:
+            names = ", ".join(allowed) or "none (this model has no adapters)"
+            raise APIError(400, f"lora '{lora.name}' is not available for model "
+                           f"'{model.name}'; available: {names}", param, "invalid_value")
+        if lora.name in chosen:
+            raise APIError(400, f"lora '{lora.name}' is given twice", param, "invalid_value")
+        chosen[lora.name] = lora.scale if lora.scale is not None else allowed[lora.name].scale
+    limit = model.config.max_loaded_loras
+    if len(chosen) > limit:
+        raise APIError(400, f"{len(chosen)} loras requested; model '{model.name}' keeps at most "
+                       f"{limit} loaded", "loras", "invalid_value")
+    return tuple(chosen.items())
+
+
 def build_job(
     request: ImageRequestFields,
     model: LoadedModel,
@@ -190,6 +214,7 @@ def build_job(
         if workflow != "image_conditioned":  # a reference image keeps its own size
             rgb = [resize_to(each, width, height, Image.LANCZOS) for each in rgb]
         pipeline_image = input_images(rgb, model, workflow)
+    loras = requested_loras(request, model)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     step_cache = model.step_cache
     if request.step_cache is not None:
@@ -204,7 +229,7 @@ def build_job(
         steps=steps, seed=seed, negative_prompt=request.negative_prompt,
         guidance_scale=guidance, scheduler=scheduler if scheduler != model.default_scheduler
         else None, strength=strength, image=pipeline_image, mask=pipeline_mask,
-        step_cache=step_cache,
+        step_cache=step_cache, loras=loras,
     )
 
 

@@ -60,6 +60,9 @@ async def get_model(
         "defaults": config.defaults.model_dump(),
         "limits": config.limits.model_dump(),
         "blocks": None,
+        "loras": [{"name": name, "scale": entry.scale, "loaded": False}
+                  for name, entry in config.loras.items()],
+        "max_loaded_loras": config.max_loaded_loras,
     }
     try:
         loaded = ctx.registry.get(model_id)
@@ -73,6 +76,8 @@ async def get_model(
         step_cache={"methods": list(loaded.step_cache_methods),
                     "default": OFF if loaded.step_cache is None else loaded.step_cache.as_dict()},
     )
+    if loaded.loras is not None:
+        detail["loras"] = loaded.loras.describe()
     placement = getattr(request.app.state, "placement", None)
     if placement is not None:  # Ray mode: where its heavy blocks run
         detail["placement"] = await run_in_threadpool(placement.describe, model_id)
