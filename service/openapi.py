@@ -54,6 +54,9 @@ def build_openapi(app: FastAPI, registry: ModelRegistry) -> dict[str, Any]:
         if "mask" in form["properties"]:
             form["properties"]["mask"] = {**_BINARY, "description": "Where to edit "
                                           "(transparent)."}
+        # Form fields are strings: a form carries its adapters as JSON text.
+        form["properties"]["loras"] = {"type": "string", "description": "Extension: LoRA "
+                                       'adapters as JSON, e.g. [{"name": "ink", "scale": 0.8}].'}
         form["required"] = sorted({*form.get("required", []), "image"})
         schemas[form_name] = form
 
