@@ -58,7 +58,7 @@ def runner(path: Path, steps: int, size: int, weights_of: Any = None,
     from blocks.batch_invariance import batch_invariant
 
     pipe = ModularPipeline.from_pretrained(str(path))
-    pipe.load_components(dtype=torch.float32)
+    pipe.load_components(dtype=torch.float32, strict=True)
     if weights_of is not None:
         shared = weights_of.pipe.components
         pipe.update_components(**{name: component if isinstance(component, torch.nn.Module)

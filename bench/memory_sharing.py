@@ -44,7 +44,7 @@ def measure(mode: str, checkpoint: str) -> dict[str, int]:
         pipe = ModularPipeline(
             blocks, checkpoint, components_manager=manager, collection=workflow
         )
-        pipe.load_components(dtype=torch.float32)
+        pipe.load_components(dtype=torch.float32, strict=True)
         pipes.append(pipe)
     tensors = {}
     for pipe in pipes:

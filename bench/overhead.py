@@ -29,7 +29,7 @@ def build_runners(family: str, checkpoint: Path, steps: int, size: int) -> dict[
     from blocks import ModularPipeline
 
     ours = ModularPipeline.from_pretrained(str(checkpoint))
-    ours.load_components(dtype=torch.float32)
+    ours.load_components(dtype=torch.float32, strict=True)
     ours.set_progress_bar_config(disable=True)
     common = dict(prompt=PROMPT, num_inference_steps=steps, height=size, width=size,
                   output_type="np")

@@ -17,7 +17,7 @@ from blocks.errors import GenerationCancelled
 from blocks.insertable_dict import InsertableDict
 from blocks.loading import ComponentLoadError
 from blocks.pipeline import ModularPipeline
-from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
+from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam, combine_inputs
 from blocks.state import BlockState, PipelineState
 
 __all__ = [
@@ -38,4 +38,5 @@ __all__ = [
     "OutputParam",
     "PipelineState",
     "SequentialPipelineBlocks",
+    "combine_inputs",
 ]

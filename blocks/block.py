@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
@@ -43,7 +44,11 @@ class ModularPipelineBlocks:
     """Base class of all blocks. Subclass it and declare the contract as class attributes (or
     properties), then implement `__call__` with `get_block_state` / `set_block_state`."""
 
+    # The family this block belongs to (e.g. "flux2-klein"): picks the pipeline class
+    # `init_pipeline` makes. Packages a block needs, `{"package": ">=1.0"}`: written to and
+    # checked when loading `modular_config.json` (composites collect their children's).
     model_name: str | None = None
+    _requirements: dict[str, Any] | None = None
 
     @property
     def description(self) -> str:
@@ -68,6 +73,11 @@ class ModularPipelineBlocks:
     # -- derived views ----------------------------------------------------------------------
 
     @property
+    def sub_blocks(self) -> Mapping[str, ModularPipelineBlocks]:
+        """A leaf has no children: an empty, read-only mapping (composites hold theirs)."""
+        return MappingProxyType({})
+
+    @property
     def is_leaf(self) -> bool:
         return True
 
@@ -89,8 +99,18 @@ class ModularPipelineBlocks:
         return [p.name for p in self.inputs if p.name is not None]
 
     @property
+    def outputs(self) -> list[OutputParam]:
+        """What a caller gets from this block; its intermediate outputs unless it narrows them
+        (a family's top-level blocks may list just `images`)."""
+        return self.intermediate_outputs
+
+    @property
     def output_names(self) -> list[str]:
         return [p.name for p in self.intermediate_outputs]
+
+    @property
+    def intermediate_output_names(self) -> list[str]:
+        return self.output_names
 
     @property
     def component_names(self) -> list[str]:
@@ -107,32 +127,44 @@ class ModularPipelineBlocks:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
     def get_block_state(self, state: PipelineState) -> BlockState:
-        """This block's declared inputs, read from `state`; defaults fill optional ones."""
+        """This block's declared inputs, read from `state`; the block's own defaults fill
+        optional ones the state has no value for (as in diffusers, a branch of a conditional
+        block applies its own default here). Tagged values that are None are left out."""
         values: dict[str, Any] = {}
         for param in self.inputs:
             if param.name is None:
                 group = state.get_by_kwargs(param.kwargs_type)
-                values[param.kwargs_type] = group
-                values.update(group)
+                present = {key: value for key, value in group.items() if value is not None}
+                values.setdefault(param.kwargs_type, {}).update(present)
+                values.update(present)
                 continue
             value = state.get(param.name)
             if value is None:
                 if param.required:
                     raise ValueError(f"{self.path}: required input '{param.name}' is missing")
                 value = copy.copy(param.default)
-            values[param.name] = value
+            if value is not None or param.name not in values:
+                values[param.name] = value
         return BlockState(**values)
 
     def set_block_state(self, state: PipelineState, block_state: BlockState) -> None:
-        """Write this block's declared outputs (all of them must be set) and any input it
-        replaced (e.g. a size it filled in) back to `state`."""
+        """Write this block's declared outputs (all of them must be set) to `state`, and every
+        input whose value is not the object the state holds: one the block replaced, or a
+        default it applied, which then stays in the state for later blocks and the caller."""
         for param in self.intermediate_outputs:
             if param.name not in block_state:
                 raise ValueError(f"{self.path}: declared output '{param.name}' was not set")
             state.set(param.name, block_state[param.name], param.kwargs_type)
         for param in self.inputs:
-            if param.name is not None and block_state.replaced(param.name):
-                state.set(param.name, block_state[param.name], param.kwargs_type)
+            if param.name is not None:
+                if param.name in block_state and block_state[param.name] is not state.get(
+                    param.name
+                ):
+                    state.set(param.name, block_state[param.name], param.kwargs_type)
+                continue
+            for key, current in state.get_by_kwargs(param.kwargs_type).items():
+                if key in block_state and block_state[key] is not current:
+                    state.set(key, block_state[key], param.kwargs_type)
 
     # -- composition helpers shared by all blocks ------------------------------------------
 
@@ -143,10 +175,11 @@ class ModularPipelineBlocks:
         collection: str | None = None,
         **hub_kwargs: Any,
     ) -> Any:
-        """A `ModularPipeline` running a copy of these blocks."""
-        from blocks.pipeline import ModularPipeline
+        """A pipeline running a copy of these blocks: the family's pipeline class where
+        `model_name` names a family (e.g. `Flux2KleinModularPipeline`), else `ModularPipeline`."""
+        from blocks.pipeline import pipeline_class_for_blocks
 
-        return ModularPipeline(
+        return pipeline_class_for_blocks(self)(
             self,
             pretrained_model_name_or_path,
             components_manager=components_manager,

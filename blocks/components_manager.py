@@ -124,6 +124,11 @@ class _Entry:
     component: Any
     names: set[str]  # every name the entry was added under (shared entries have several)
     load_ids: set[str]
+    # (load id, requested dtype) of every load that produced or shared this entry; a later
+    # load asking for the same pair gets this object without reading anything (`find_loaded`).
+    loads: set[tuple[str, str]]
+    loaded_dtype: torch.dtype | None  # the dtype it had when added, to notice conversions
+    added_time: float  # time.time() when first added
     collections: dict[str, str]  # collection -> the name the entry has in that collection
     signature: str | None  # cheap structural identity of a module; None for other objects
     digest: str | None = None  # content hash, computed only when a signature collides
@@ -144,6 +149,19 @@ class _OffloadPolicy:
     budget: int | None
     reserve: int
     free_memory_fn: Callable[[], int] | None
+    # diffusers-style `(resident models, model id, model, device) -> models to offload`,
+    # asked before each placement (see `blocks.offload_strategy`); the budget still binds.
+    strategy: OffloadStrategy | None = None
+
+
+class _Resident(NamedTuple):
+    """What an offload strategy sees of an idle resident model."""
+
+    model_id: str
+    model: Any
+
+
+OffloadStrategy = Callable[[list[_Resident], str, Any, torch.device], list[Any]]
 
 
 class EvictionCandidate(NamedTuple):
@@ -184,12 +202,15 @@ class ComponentsManager:
         component: object,
         collection: str | None = None,
         load_id: str | None = None,
+        requested_dtype: torch.dtype | None = None,
     ) -> str:
         """Hold `component` and return its id, or the id of the entry it duplicates.
 
         When an id of an existing entry comes back, that entry's object is the one to use:
         `manager.get(id)`. A collection already holding another component under `name` has that
-        one replaced (the replaced entry stays in the pool; `remove` drops it).
+        one replaced (the replaced entry stays in the pool; `remove` drops it). `load_id` with
+        `requested_dtype` (None: the checkpoint's own) records the load that made it, for
+        `find_loaded`.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"ComponentsManager.add: name must be a non-empty str, got {name!r}")
@@ -211,10 +232,13 @@ class ComponentsManager:
                 existing = self._find_duplicate(component, load_id, dtype, signature, digest)
             if existing is not None:
                 self._share(existing, name, collection, load_id)
-                return existing.id
-            entry = self._insert(name, component, signature, digest, load_id)
-            if collection is not None:
-                self._join_collection(entry, collection, name)
+                entry = existing
+            else:
+                entry = self._insert(name, component, signature, digest, load_id)
+                if collection is not None:
+                    self._join_collection(entry, collection, name)
+            if load_id is not None:
+                entry.loads.add((load_id, str(requested_dtype)))
             return entry.id
 
     def _find_same_object_or_load_id(
@@ -288,6 +312,9 @@ class ComponentsManager:
             component=component,
             names={name},
             load_ids={load_id} if load_id is not None else set(),
+            loads=set(),
+            loaded_dtype=_module_dtype(component),
+            added_time=time.time(),
             collections={},
             signature=signature,
             digest=digest,
@@ -313,6 +340,62 @@ class ComponentsManager:
         """The object held under `component_id`."""
         with self._lock:
             return self._entry(component_id).component
+
+    def find_loaded(self, load_id: str | None, dtype: torch.dtype | None = None) -> Any:
+        """The component an earlier load of `load_id` at `dtype` (None: the checkpoint's own)
+        produced, if it is held and has not been converted since; else None. A pipeline asks
+        this before reading weights, so a second pipeline of a checkpoint reads nothing."""
+        if load_id is None:
+            return None
+        key = (load_id, str(dtype))
+        with self._lock:
+            for entry in self._entries.values():
+                if key in entry.loads and _module_dtype(entry.component) == entry.loaded_dtype:
+                    return entry.component
+        return None
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """A snapshot: id -> component, in the order they were added."""
+        with self._lock:
+            return {entry.id: entry.component for entry in self._entries.values()}
+
+    def get_model_info(
+        self, component_id: str, fields: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        """What is known about one component, as diffusers' manager reports it: `model_id`,
+        `added_time`, `collection`, and for modules `class_name`, `size_gb` (parameters and
+        buffers), `adapters`, `has_hook` (always False: this manager moves whole models
+        without hooks), `execution_device` and `quantization`. `fields` picks some."""
+        allowed = ("model_id", "added_time", "collection", "class_name", "size_gb", "adapters",
+                   "has_hook", "execution_device", "ip_adapter", "quantization")
+        wanted = [fields] if isinstance(fields, str) else fields
+        unknown = [f for f in wanted or [] if f not in allowed]
+        if unknown:
+            raise ValueError(
+                f"ComponentsManager.get_model_info: unknown field(s) {unknown}; "
+                f"valid: {', '.join(allowed)}"
+            )
+        with self._lock:
+            entry = self._entry(component_id)
+            info: dict[str, Any] = {
+                "model_id": entry.id,
+                "added_time": entry.added_time,
+                "collection": ", ".join(sorted(entry.collections)) or None,
+            }
+            if entry.is_module:
+                module = entry.component
+                quantizer = getattr(module, "hf_quantizer", None)
+                info.update(
+                    class_name=type(module).__name__,
+                    size_gb=_module_bytes(module) / 1024**3,
+                    adapters=list(module.peft_config) if hasattr(module, "peft_config") else None,
+                    has_hook=False,
+                    execution_device=self._policy.device if self._policy is not None else None,
+                    quantization=quantizer.quantization_config.to_dict()
+                    if quantizer is not None else None,
+                )
+        return info if wanted is None else {k: v for k, v in info.items() if k in wanted}
 
     def get_one(
         self,
@@ -538,6 +621,7 @@ class ComponentsManager:
         reserve: int = 0,
         offload_device: str | torch.device = "cpu",
         free_memory_fn: Callable[[], int] | None = None,
+        offload_strategy: OffloadStrategy | None = None,
     ) -> None:
         """Place modules on `device` when used, offloading idle ones to `offload_device`.
 
@@ -545,13 +629,15 @@ class ComponentsManager:
         or None to be limited by the device's free memory alone. `reserve`: bytes kept free for
         activations. `free_memory_fn`: the device's free bytes right now; defaults to CUDA's
         (free plus what torch's caching allocator holds unused), and when present also limits
-        placement, so other processes on the device are respected.
+        placement, so other processes on the device are respected. `offload_strategy` (e.g.
+        `blocks.offload_strategy.AutoOffloadStrategy()`) picks models to offload before each
+        placement, as diffusers' strategies do; it alone may stand for the budget.
         """
         target = _normalize_device(torch.device(device))
         if free_memory_fn is None and target.type == "cuda":
             free_memory_fn = _cuda_free_memory_fn(target)
         budget = _resolve_budget(memory_budget, target)
-        if budget is None and free_memory_fn is None:
+        if budget is None and free_memory_fn is None and offload_strategy is None:
             raise ValueError(
                 f"ComponentsManager.enable_auto_offload: {target} has no free-memory query; "
                 "pass memory_budget in bytes or a free_memory_fn"
@@ -562,7 +648,8 @@ class ComponentsManager:
                 f"got reserve={reserve} with budget={budget}"
             )
         policy = _OffloadPolicy(
-            target, _normalize_device(torch.device(offload_device)), budget, reserve, free_memory_fn
+            target, _normalize_device(torch.device(offload_device)), budget, reserve,
+            free_memory_fn, offload_strategy,
         )
         with self._lock:
             previous, self._policy = self._policy, policy
@@ -641,6 +728,13 @@ class ComponentsManager:
         """Put `needed` (already marked in use) on the device, offloading idle modules first."""
         if not needed:
             return
+        strategy = self._policy.strategy if self._policy is not None else None
+        if strategy is not None:
+            for entry in needed:
+                idle = [_Resident(e.id, e.component) for e in self._entries.values()
+                        if e.resident and e.refcount == 0]
+                for chosen in strategy(idle, entry.id, entry.component, self._policy.device):
+                    self._offload(self._entries[chosen.model_id], EVICT)
         need = {entry.id: _module_bytes(entry.component) for entry in needed}
         room = self._room()
         shortfall = sum(need.values()) - room

@@ -1,14 +1,19 @@
 """Composite blocks: sequences, conditional branches, auto branches and denoise loops.
 
 A composite holds its children in `sub_blocks` (an `InsertableDict`); everything it declares
-(components, configs, inputs, outputs) is derived from the children on every access, so
-inserting, popping or replacing a child changes execution, inputs, components and repr alike.
+(components, configs, inputs, outputs, requirements) is derived from the children on every
+access, so inserting, popping or replacing a child changes execution, inputs, components and
+repr alike. Which blocks run for given inputs follows diffusers: `select_block` names a branch
+only when its trigger is present (the default applies after it), a conditional's
+`get_execution_blocks` returns the chosen block itself (None when it is skipped), a
+sequence's returns the flat sequence of leaf blocks that would run.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -21,6 +26,7 @@ from blocks.specs import (
     ConfigSpec,
     InputParam,
     OutputParam,
+    combine_inputs,
     merge_by_name,
     merge_inputs,
 )
@@ -40,16 +46,15 @@ def _join(prefix: str, name: str) -> str:
 def _inputs_after_producers(
     children: Iterable[ModularPipelineBlocks], leading: list[InputParam] | None = None
 ) -> list[InputParam]:
-    """Ordered union of the children's inputs, minus what earlier children always produce."""
-    produced: set[str] = set()  # value names, and `**kind` for kwargs-type groups
+    """Ordered union of the children's inputs, minus the named values earlier children always
+    produce. A kwargs-type group (`**denoiser_input_fields`) stays an input even when an earlier
+    child produces tagged values: the caller may add more (`pipe(denoiser_input_fields={...})`)."""
+    produced: set[str] = set()
     groups = [leading] if leading else []
     for child in children:
-        groups.append([p for p in child.inputs if p.key not in produced])
+        groups.append([p for p in child.inputs if p.name is None or p.name not in produced])
         if not child.skippable:
-            for output in child.intermediate_outputs:
-                produced.add(output.name)
-                if output.kwargs_type is not None:
-                    produced.add(f"**{output.kwargs_type}")
+            produced.update(output.name for output in child.intermediate_outputs)
     return merge_inputs(groups)
 
 
@@ -78,6 +83,14 @@ class CompositeBlocks(ModularPipelineBlocks):
             for name, block in zip(self.block_names, self.block_classes, strict=True)
         )
 
+    @property
+    def sub_blocks(self) -> InsertableDict:
+        return self._sub_blocks
+
+    @sub_blocks.setter
+    def sub_blocks(self, value: InsertableDict) -> None:
+        self._sub_blocks = value
+
     @classmethod
     def from_blocks_dict(
         cls, blocks_dict: dict[str, BlockLike], description: str | None = None
@@ -94,6 +107,21 @@ class CompositeBlocks(ModularPipelineBlocks):
     @property
     def description(self) -> str:
         return getattr(self, "_description", "")
+
+    @property
+    def model_name(self) -> str | None:  # type: ignore[override]
+        """The first child's family, unless the class names one."""
+        names = (getattr(b, "model_name", None) for b in self.sub_blocks.values())
+        return next((name for name in names if name), None)
+
+    @property
+    def _requirements(self) -> dict[str, Any]:  # type: ignore[override]
+        """Each child's requirements under its name (nested for composite children)."""
+        return {
+            name: block._requirements
+            for name, block in self.sub_blocks.items()
+            if getattr(block, "_requirements", None)
+        }
 
     @property
     def is_leaf(self) -> bool:
@@ -124,19 +152,27 @@ class CompositeBlocks(ModularPipelineBlocks):
             raise ValueError(
                 f"unknown workflow {name!r} for {type(self).__name__}; available: {available}"
             )
-        return self.get_execution_blocks(**self._workflow_map[name])
+        triggers = self._workflow_map[name]
+        if isinstance(triggers, tuple):  # alternative spellings of one workflow select alike
+            triggers = triggers[0]
+        return self._flat_execution_blocks(**triggers)
 
-    def get_execution_blocks(self, **inputs: Any) -> SequentialPipelineBlocks:
-        """The flat sequence of blocks (dotted names) that would run for these inputs."""
+    def _flat_execution_blocks(self, **inputs: Any) -> SequentialPipelineBlocks:
+        """The flat sequence of leaf blocks (dotted names) that would run for these inputs."""
         active = {key: value for key, value in inputs.items() if value is not None}
         pairs = self.collect_execution("", active)
         return SequentialPipelineBlocks.from_blocks_dict(
             dict(pairs), description=f"execution blocks of {type(self).__name__}"
         )
 
+    def get_execution_blocks(self, **inputs: Any) -> ModularPipelineBlocks | None:
+        """The blocks that would run for these inputs (see the subclasses)."""
+        return self._flat_execution_blocks(**inputs)
+
 
 class SequentialPipelineBlocks(CompositeBlocks):
-    """Children run in order on one shared `PipelineState`."""
+    """Children run in order on one shared `PipelineState`. `get_execution_blocks(**inputs)`
+    returns the flat sequence of leaf blocks (dotted names) that would run."""
 
     @property
     def inputs(self) -> list[InputParam]:
@@ -180,6 +216,18 @@ class ConditionalPipelineBlocks(CompositeBlocks):
         """Name of the child to run for these trigger values, or None for the default."""
         raise NotImplementedError(f"{type(self).__name__} must implement select_block")
 
+    def get_execution_blocks(self, **inputs: Any) -> ModularPipelineBlocks | None:
+        """The chosen branch (resolved down to a leaf or a flat sequence), or None when this
+        block would be skipped."""
+        active = {key: value for key, value in inputs.items() if value is not None}
+        name = self._chosen(active)
+        if name is None:
+            return None
+        block = self.sub_blocks[name]
+        if block.is_leaf or block.is_loop:
+            return block
+        return block.get_execution_blocks(**inputs)
+
     @property
     def trigger_names(self) -> list[str]:
         return [name for name in self.block_trigger_inputs if name is not None]
@@ -191,13 +239,13 @@ class ConditionalPipelineBlocks(CompositeBlocks):
     @property
     def inputs(self) -> list[InputParam]:
         branches = list(self.sub_blocks.values())
-        merged = merge_inputs([b.inputs for b in branches])
+        merged = combine_inputs(*((name, b.inputs) for name, b in self.sub_blocks.items()))
         required_everywhere = set.intersection(*(set(b.required_inputs) for b in branches))
         result = []
         for param in merged:
             must = param.name in required_everywhere and not self.skippable
             if param.required != must:
-                param = InputParam(**{**param.__dict__, "required": must})
+                param = replace(param, required=must)
             result.append(param)
         known = {p.name for p in result}
         result += [InputParam(name) for name in self.trigger_names if name not in known]
@@ -252,6 +300,8 @@ class AutoPipelineBlocks(ConditionalPipelineBlocks):
         return defaults[0] if defaults and defaults[0] in self.sub_blocks else None
 
     def select_block(self, **inputs: Any) -> str | None:
+        """The first branch whose trigger is present; None when none is (the default branch,
+        if there is one, then runs)."""
         for name in self.sub_blocks:
             if name not in self._trigger_by_name:
                 raise ValueError(
@@ -259,7 +309,7 @@ class AutoPipelineBlocks(ConditionalPipelineBlocks):
                     f"known branches: {list(self._trigger_by_name)}"
                 )
             trigger = self._trigger_by_name[name]
-            if trigger is None or inputs.get(trigger) is not None:
+            if trigger is not None and inputs.get(trigger) is not None:
                 return name
         return None
 

@@ -2,8 +2,13 @@
 
 `save_custom_blocks` writes `modular_config.json` (class, `auto_map`, requirements) and copies
 the Python file that defines the blocks; `load_custom_blocks` imports that file again, but only
-with `trust_remote_code=True`, because importing it runs its code. Requirements are checked
-before import so a missing package is reported by name rather than as an ImportError midway.
+with `trust_remote_code=True`, because importing it runs its code. Requirements are the blocks'
+`_requirements` and those of every sub-block, flattened into one `{package: specifier}`; as in
+diffusers, an unmet one is a warning (on save and before import) that names it, not an error.
+The same folder may also hold a pipeline's weights and `modular_model_index.json`:
+`ModularPipeline.from_pretrained` then runs these blocks with those components.
+
+Not handled here: uploading to the Hub (copy the folder there).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import inspect
 import json
 import shutil
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,19 +33,72 @@ MODULAR_CONFIG = "modular_config.json"
 
 
 def save_custom_blocks(blocks: ModularPipelineBlocks, save_directory: str | Path) -> None:
+    import diffusers
+
     cls = type(blocks)
     source = inspect.getsourcefile(cls)
     if source is None:
         raise ValueError(f"{cls.__name__}: cannot find the file that defines it")
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, folder / Path(source).name)
-    config = {
+    library = Path(__file__).resolve().parent
+    target = folder / Path(source).name
+    # The library's own classes stay put; a file saved into its own folder stays as it is.
+    if library not in Path(source).resolve().parents and not (
+        target.exists() and target.samefile(source)
+    ):
+        shutil.copyfile(source, target)
+    requirements = flatten_requirements(getattr(blocks, "_requirements", None))
+    _warn_unmet(requirements, f"{cls.__name__} requires")
+    config: dict[str, Any] = {
         "_class_name": cls.__name__,
+        "_diffusers_version": diffusers.__version__,
         "auto_map": {"ModularPipelineBlocks": f"{Path(source).stem}.{cls.__name__}"},
-        "requirements": dict(getattr(cls, "requirements", {}) or {}),
     }
+    if requirements:
+        config["requirements"] = requirements
     (folder / MODULAR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def flatten_requirements(requirements: dict[str, Any] | None) -> dict[str, str]:
+    """`{"torch": ">=2", "encoder": {"numpy": "1.26"}}` -> `{"torch": ">=2", "numpy": "==1.26"}`:
+    sub-blocks' entries (nested under their names) merged in, a bare version pinned, two
+    specifiers for one package combined."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    flat: dict[str, str] = {}
+
+    def visit(mapping: dict[str, Any]) -> None:
+        for package, spec in mapping.items():
+            if isinstance(spec, dict):
+                visit(spec)
+                continue
+            name = str(package).strip()
+            if not name:
+                raise ValueError("a requirement's package name is empty")
+            text = "" if spec is None else str(spec).strip()
+            if text and text[0] not in "<>=!~":
+                text = f"=={text}"
+            if text:
+                try:
+                    SpecifierSet(text)
+                except InvalidSpecifier as error:
+                    raise ValueError(f"requirement {name}: invalid specifier {text!r}") from error
+            before = flat.get(name)
+            if before and text and before != text:
+                flat[name] = str(SpecifierSet(f"{before},{text}"))
+            elif not before:
+                flat[name] = text
+
+    visit(requirements or {})
+    return flat
+
+
+def _warn_unmet(requirements: dict[str, str], owner: str) -> None:
+    unmet = unmet_requirements(requirements)
+    if unmet:
+        warnings.warn(f"{owner}: {', '.join(unmet)}; it may not work here", UserWarning,
+                      stacklevel=3)
 
 
 def has_custom_blocks(path_or_repo_id: str, **hub_kwargs: Any) -> bool:
@@ -58,7 +117,7 @@ def unmet_requirements(requirements: dict[str, str]) -> list[str]:
         except metadata.PackageNotFoundError:
             unmet.append(f"{package}{spec} (not installed)")
             continue
-        if spec and installed not in SpecifierSet(spec):
+        if spec and not SpecifierSet(spec).contains(installed, prereleases=True):
             unmet.append(f"{package}{spec} (installed: {installed})")
     return unmet
 
@@ -78,9 +137,7 @@ def load_custom_blocks(
             f"{path_or_repo_id} defines its blocks in code ({source.name}); importing it runs "
             "that code. Review it, then pass trust_remote_code=True to load it."
         )
-    unmet = unmet_requirements(config.get("requirements", {}))
-    if unmet:
-        raise ImportError(f"{path_or_repo_id} requires: {', '.join(unmet)}")
+    _warn_unmet(flatten_requirements(config.get("requirements")), f"{path_or_repo_id} requires")
     # A name unique to this file's content, so two versions of a module don't collide.
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     unique_name = f"blockserve_custom_{module_name}_{digest}"

@@ -1,7 +1,10 @@
 """Finding checkpoints and loading components from them.
 
 A checkpoint is a local folder or a Hugging Face Hub repo id holding `modular_model_index.json`
-(written by blockserve) or diffusers' `model_index.json`, plus one subfolder per component.
+(written by blockserve's or diffusers' modular pipelines, in the same format) or diffusers'
+`model_index.json`, plus one subfolder per component. A modular index may point a component at
+another repo or folder; a local checkpoint that has the component's files itself (a downloaded
+copy, a folder moved after saving) loads them from there.
 For a repo id only the index is fetched first, and each subfolder only when its component is
 loaded; `HF_HUB_OFFLINE=1` and the HF cache are honoured by `huggingface_hub` itself. A local
 folder never touches the network. This module does not decide *which* components to load:
@@ -143,19 +146,37 @@ def _parse_index(
         if not is_component:
             index.configs[key] = value
             continue
+        details = value[2] if modular and len(value) > 2 and isinstance(value[2], dict) else {}
         library, class_name = value[0], value[1]
+        if (library is None or class_name is None) and details.get("type_hint"):
+            library, class_name = details["type_hint"]  # listed but not loaded when saved
         if library is None or class_name is None:
             continue  # diffusers writes [null, null] for absent optional components
-        details = value[2] if modular and len(value) > 2 else {}
         index.component_classes[key] = (library, class_name)
+        subfolder = details.get("subfolder", key) or ""
+        recorded = details.get("pretrained_model_name_or_path") if modular else source
+        if has_local_files(source, subfolder) or (modular and recorded is None):
+            # The files are here (or the index says "this folder"): load them from here.
+            recorded, component_revision = source, revision
+        else:
+            component_revision = details.get("revision", revision)
         index.components[key] = ComponentSpec(
             name=key,
-            pretrained_model_name_or_path=details.get("pretrained_model_name_or_path") or source,
-            subfolder=details.get("subfolder", key),
+            pretrained_model_name_or_path=recorded,
+            subfolder=subfolder,
             variant=details.get("variant"),
-            revision=details.get("revision", revision),
+            revision=component_revision,
         )
     return index
+
+
+def has_local_files(source: str, subfolder: str) -> bool:
+    """Whether local checkpoint `source` holds files in a component's `subfolder` (a component
+    at the root, with no subfolder, can't be told from the index files there: not local)."""
+    if not subfolder or not is_local(source):
+        return False
+    folder = Path(source).expanduser() / subfolder
+    return folder.is_dir() and any(child.is_file() for child in folder.iterdir())
 
 
 # The libraries an index entry may name. An index is data from a checkpoint, possibly a
@@ -190,13 +211,28 @@ def import_class(library: str, class_name: str, entry: str | None = None) -> typ
     return found
 
 
+# Keywords of `from_pretrained` that say where and how to fetch files: they go to the Hub
+# download (which then hands `from_pretrained` a local folder), not to the class.
+_HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
+
+
 def load_component(
     spec: ComponentSpec,
     index_class: tuple[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    load_kwargs: dict[str, Any] | None = None,
     **hub_kwargs: Any,
 ) -> Any:
-    """Load one component from its spec's source; errors name the component and source."""
+    """Load one component from its spec's source; errors name the component and source.
+
+    The class is the index's entry, else the spec's type hint, else diffusers' `AutoModel`
+    (which reads the class from the component's config). `load_kwargs` go to the class's
+    `from_pretrained` (e.g. `trust_remote_code`), but Hub keywords such as `token` go to the
+    download."""
+    load_kwargs = dict(load_kwargs or {})
+    for key in _HUB_KEYWORDS:
+        if key in load_kwargs:
+            hub_kwargs[key] = load_kwargs.pop(key)
     source = spec.pretrained_model_name_or_path
     if source is None:
         raise ComponentLoadError(
@@ -206,7 +242,9 @@ def load_component(
     cls = import_class(*index_class, entry=spec.name) if index_class is not None else (
         spec.type_hint)
     if cls is None:
-        raise ComponentLoadError(f"component {spec.name!r} from {source}: unknown class")
+        from diffusers import AutoModel
+
+        cls = AutoModel
     where = f"{source}" + (f" (subfolder {spec.subfolder!r})" if spec.subfolder else "")
     try:
         folder = resolve_files(
@@ -215,7 +253,7 @@ def load_component(
             revision=spec.revision,
             **hub_kwargs,
         )
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(load_kwargs)
         if spec.subfolder:
             kwargs["subfolder"] = spec.subfolder
         if spec.variant:
@@ -223,11 +261,9 @@ def load_component(
         if cls.__module__.startswith("diffusers") and not _HAS_ACCELERATE:
             # What diffusers falls back to without accelerate anyway; said explicitly, it
             # loads the same way without warning about it on every start.
-            kwargs["low_cpu_mem_usage"] = False
-        if dtype is not None and issubclass(cls, torch.nn.Module):
-            # transformers >= 5 takes `dtype`; diffusers still takes `torch_dtype`.
-            dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
-            kwargs[dtype_arg] = dtype
+            kwargs.setdefault("low_cpu_mem_usage", False)
+        if dtype is not None and _takes_dtype(cls):
+            kwargs["dtype"] = dtype
         with _quiet_progress_bars():
             return cls.from_pretrained(str(folder), **kwargs)
     except ComponentLoadError:
@@ -253,6 +289,14 @@ def _quiet_progress_bars() -> Iterator[None]:
         yield
     finally:
         transformers_logging.enable_progress_bar()
+
+
+def _takes_dtype(cls: type) -> bool:
+    """Models take a dtype (transformers and diffusers both spell it `dtype`); tokenizers and
+    processors would store it in their config instead."""
+    from diffusers import AutoModel
+
+    return issubclass(cls, (torch.nn.Module, AutoModel))
 
 
 def component_class_entry(component: Any) -> tuple[str, str]:

@@ -8,18 +8,26 @@ The blocks say what is needed; the pipeline owns the objects (directly, or throu
     pipe.to("cuda")
     image = pipe(prompt="a red circle", num_inference_steps=4).images[0]
 
-Deciding which family a checkpoint belongs to is `blocks.families`; reading indexes and
-loading single components is `blocks.loading`.
+It behaves as diffusers' `ModularPipeline` does for the same calls: a call puts every input
+the blocks declare into the state (the value passed, else its default), `load_components`
+skips what is loaded and warns about what fails (`strict=True` raises instead), components
+keep their source through `update_components`, and `save_pretrained` writes a
+`modular_model_index.json` that diffusers reads. The README lists where we differ on purpose.
+
+Not handled here: which family a checkpoint belongs to (`blocks.families`), reading indexes
+and loading single components (`blocks.loading`), the model card text (`blocks.model_card`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +38,19 @@ from blocks.block import ModularPipelineBlocks, run_block
 from blocks.loading import (
     MODULAR_INDEX,
     CheckpointIndex,
+    ComponentLoadError,
     component_class_entry,
     load_component,
     read_index,
 )
 from blocks.lora.pipeline_methods import LoraPipelineMixin
-from blocks.specs import ComponentSpec
+from blocks.specs import (
+    LOAD_ID_ATTRIBUTE,
+    LOADING_FIELDS,
+    NO_LOAD_ID,
+    ComponentSpec,
+    tag_load_id,
+)
 from blocks.state import PipelineState
 
 logger = logging.getLogger(__name__)
@@ -47,43 +62,71 @@ StepCallback = Callable[[int, Any, Any], bool | None]
 class ModularPipeline(LoraPipelineMixin):
     """Runs a copy of `blocks` with components loaded from a checkpoint or set by hand.
 
-    LoRA adapters load and combine as in diffusers (`load_lora_weights`, `set_adapters`,
-    `fuse_lora`, ...: `blocks.lora.pipeline_methods`)."""
+    Without `blocks`, the checkpoint's index names them (or, for a family's pipeline class,
+    its `default_blocks_name`); `workflow` prunes them to that workflow's blocks, so only the
+    components it uses are expected and loaded. LoRA adapters load and combine as in diffusers
+    (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...: `blocks.lora.pipeline_methods`).
+    """
+
+    # The blocks class a family's pipeline runs when nothing else names one.
+    default_blocks_name: str | None = None
 
     def __init__(
         self,
-        blocks: ModularPipelineBlocks,
+        blocks: ModularPipelineBlocks | None = None,
         pretrained_model_name_or_path: str | None = None,
         components_manager: Any = None,
         collection: str | None = None,
+        workflow: str | None = None,
         index: CheckpointIndex | None = None,
         **hub_kwargs: Any,
     ) -> None:
+        revision = hub_kwargs.pop("revision", None)
+        if index is None and pretrained_model_name_or_path is not None:
+            index = read_index(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
+        if blocks is None:
+            blocks = self._default_blocks(index)
+        if workflow is not None:
+            blocks = blocks.get_workflow(workflow)
         # A deep copy: editing the blocks a pipeline was made from must not change it.
         self._blocks = copy.deepcopy(blocks)
         self._manager = components_manager
         self._collection = collection
         self._hub_kwargs = hub_kwargs
+        self._pretrained_model_name_or_path = (
+            str(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None
+            else None
+        )
         self._default_dtype: DtypeArg = None
         self._warned_kwargs: set[str] = set()
         self._progress_bar_config: dict[str, Any] = {}
-        if index is None and pretrained_model_name_or_path is not None:
-            index = read_index(pretrained_model_name_or_path, **hub_kwargs)
         self._index = index
-        self._specs: dict[str, ComponentSpec] = {}
+        self._component_specs: dict[str, ComponentSpec] = {}
         self._components: dict[str, Any] = {}
         self._component_ids: dict[str, str] = {}  # ids in the components manager, if any
         self._configs: dict[str, Any] = {c.name: c.default for c in blocks.expected_configs}
         for spec in blocks.expected_components:
-            self._specs[spec.name] = index.resolve(spec) if index else spec
+            self._component_specs[spec.name] = index.resolve(spec) if index else copy.copy(spec)
             self._components[spec.name] = None
         if index is not None:
             self._configs.update(
                 {k: v for k, v in index.configs.items() if k in self._configs}
             )
-        for name, spec in self._specs.items():
+        for name, spec in self._component_specs.items():
             if spec.default_creation_method == "from_config":
                 self._set_component(name, self._create_from_config(spec))
+
+    def _default_blocks(self, index: CheckpointIndex | None) -> ModularPipelineBlocks:
+        from blocks.families import blocks_class_named, blocks_for_index
+
+        if index is not None:
+            return blocks_for_index(index)
+        blocks_class = blocks_class_named(self.default_blocks_name)
+        if blocks_class is None:
+            raise ValueError(
+                f"{type(self).__name__}: pass blocks, or a checkpoint whose index names them"
+            )
+        return blocks_class()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -91,39 +134,50 @@ class ModularPipeline(LoraPipelineMixin):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str,
+        trust_remote_code: bool = False,
         components_manager: Any = None,
         collection: str | None = None,
+        workflow: str | None = None,
         revision: str | None = None,
-        trust_remote_code: bool = False,
         **hub_kwargs: Any,
     ) -> ModularPipeline:
-        """A pipeline for a checkpoint: its family's blocks and specs; no weights loaded yet."""
-        from blocks.families import blocks_for_index
+        """A pipeline for a checkpoint: its family's blocks (or the custom blocks its
+        `modular_config.json` defines, with `trust_remote_code=True`) and specs from its index;
+        no weights loaded yet. `workflow` prunes the blocks to that workflow."""
         from blocks.hub_blocks import has_custom_blocks, load_custom_blocks
+        from blocks.loading import DIFFUSERS_INDEX, resolve_files
 
-        if has_custom_blocks(pretrained_model_name_or_path, revision=revision, **hub_kwargs):
+        source = str(pretrained_model_name_or_path)
+        blocks = None
+        if has_custom_blocks(source, revision=revision, **hub_kwargs):
             blocks = load_custom_blocks(
-                pretrained_model_name_or_path, trust_remote_code=trust_remote_code,
-                revision=revision, **hub_kwargs
+                source, trust_remote_code=trust_remote_code, revision=revision, **hub_kwargs
             )
-            return cls(blocks, None, components_manager, collection)
-        index = read_index(pretrained_model_name_or_path, revision=revision, **hub_kwargs)
-        blocks = blocks_for_index(index)
-        return cls(
+        index = None
+        folder = resolve_files(source, [MODULAR_INDEX, DIFFUSERS_INDEX], revision=revision,
+                               **hub_kwargs)
+        if blocks is None or any((folder / f).is_file() for f in (MODULAR_INDEX, DIFFUSERS_INDEX)):
+            index = read_index(source, revision=revision, **hub_kwargs)
+        pipeline_class = cls if cls is not ModularPipeline else _pipeline_class(blocks, index)
+        return pipeline_class(
             blocks,
-            pretrained_model_name_or_path,
+            source if index is not None else None,
             components_manager=components_manager,
             collection=collection,
+            workflow=workflow,
             index=index,
+            revision=revision,
             **hub_kwargs,
         )
 
     def _create_from_config(self, spec: ComponentSpec) -> Any:
         """Weight-free components: from the checkpoint's subfolder config where it has one."""
         if self._index is not None and spec.name in self._index.components:
-            return load_component(
+            component = load_component(
                 spec, self._index.component_classes.get(spec.name), None, **self._hub_kwargs
             )
+            tag_load_id(component, NO_LOAD_ID)
+            return component
         return spec.create()
 
     # -- components and configs -------------------------------------------------------------
@@ -134,17 +188,51 @@ class ModularPipeline(LoraPipelineMixin):
         return copy.deepcopy(self._blocks)
 
     @property
+    def doc(self) -> str:
+        return self._blocks.doc
+
+    @property
     def components(self) -> dict[str, Any]:
         """Every expected component by name; None where not loaded."""
         return dict(self._components)
 
     @property
+    def component_names(self) -> list[str]:
+        return list(self._components)
+
+    @property
+    def pretrained_component_names(self) -> list[str]:
+        """Components loaded from weights (`default_creation_method="from_pretrained"`)."""
+        return [n for n, s in self._component_specs.items()
+                if s.default_creation_method == "from_pretrained"]
+
+    @property
+    def config_component_names(self) -> list[str]:
+        """Components the pipeline creates from a config (schedulers, processors)."""
+        return [n for n, s in self._component_specs.items()
+                if s.default_creation_method == "from_config"]
+
+    @property
     def component_specs(self) -> dict[str, ComponentSpec]:
-        return dict(self._specs)
+        return dict(self._component_specs)
+
+    def get_component_spec(self, name: str) -> ComponentSpec:
+        """A copy of one component's spec."""
+        if name not in self._component_specs:
+            raise ValueError(
+                f"get_component_spec: unknown component {name!r}; "
+                f"valid: {list(self._component_specs)}"
+            )
+        return copy.deepcopy(self._component_specs[name])
 
     @property
     def config(self) -> dict[str, Any]:
         return dict(self._configs)
+
+    @property
+    def default_call_parameters(self) -> dict[str, Any]:
+        """Every named input of the blocks with its default."""
+        return {p.name: p.default for p in self._blocks.inputs if p.name is not None}
 
     @property
     def null_component_names(self) -> list[str]:
@@ -160,11 +248,13 @@ class ModularPipeline(LoraPipelineMixin):
             return data["_configs"][name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
-    def _set_component(self, name: str, value: Any, load_id: str | None = None) -> Any:
+    def _set_component(self, name: str, value: Any, load_id: str | None = None,
+                       dtype: torch.dtype | None = None) -> Any:
         """Store a component, going through the manager so shared weights are one object."""
         if value is not None and self._manager is not None:
             component_id = self._manager.add(
-                name, value, collection=self._collection, load_id=load_id
+                name, value, collection=self._collection, load_id=load_id,
+                requested_dtype=dtype,
             )
             value = self._manager.get(component_id)
             self._component_ids[name] = component_id
@@ -172,71 +262,144 @@ class ModularPipeline(LoraPipelineMixin):
         return value
 
     def update_components(self, **components_or_configs: Any) -> None:
-        """Replace components (e.g. `scheduler=EulerDiscreteScheduler(...)`) or configs."""
+        """Replace components (e.g. `scheduler=EulerDiscreteScheduler(...)`) or configs.
+
+        A component that was loaded from a source (by a pipeline or `ComponentSpec.load`)
+        keeps that source in its spec; a model without one is saved into the pipeline's
+        folder by `save_pretrained`; a weight-free object is recreated from its config."""
         for name, value in components_or_configs.items():
-            if name in self._specs:
-                spec = self._specs[name]
-                # A hand-set object no longer comes from the checkpoint's subfolder.
-                self._specs[name] = ComponentSpec(
-                    name, type(value), spec.description,
-                    default_creation_method=spec.default_creation_method,
-                )
+            if name in self._component_specs:
+                self._component_specs[name] = self._spec_for(name, value)
+                # The object given is the one to use: no load id, so the manager shares it
+                # only when it is the very object (or the same weights) it already holds.
                 self._set_component(name, value)
             elif name in self._configs:
                 self._configs[name] = value
             else:
-                valid = ", ".join([*self._specs, *self._configs])
+                valid = ", ".join([*self._component_specs, *self._configs])
                 raise ValueError(
                     f"update_components: {name!r} is neither a component nor a config of "
                     f"{type(self._blocks).__name__}; valid: {valid}"
                 )
 
+    def _spec_for(self, name: str, component: Any) -> ComponentSpec:
+        current = self._component_specs[name]
+        if component is None:
+            return current
+        load_id = getattr(component, LOAD_ID_ATTRIBUTE, None)
+        if current.default_creation_method == "from_pretrained" and load_id in (None, NO_LOAD_ID):
+            return ComponentSpec(name, type(component), current.description)
+        spec = ComponentSpec.from_component(name, component)
+        spec.description = current.description
+        return spec
+
     def load_components(
         self,
         names: str | Iterable[str] | None = None,
         workflow: str | None = None,
-        dtype: DtypeArg = None,
+        *,
+        strict: bool = False,
         device: str | torch.device | None = None,
-        torch_dtype: DtypeArg = None,
+        **kwargs: Any,
     ) -> ModularPipeline:
-        """Load the named components, those `workflow` needs, or all with a source.
+        """Load the named components, those `workflow` needs, or every one with a source that
+        is not loaded yet.
 
-        `dtype` is one dtype or a dict by component name with a `"default"` entry
-        (`torch_dtype` is accepted as an alias, as diffusers spells it).
+        `dtype` (or `torch_dtype`) is one dtype or a dict by component name with a `"default"`
+        entry; so is any other keyword, which goes to the component's `from_pretrained` (a
+        loading field such as `variant` or `pretrained_model_name_or_path` changes the spec).
+        `trust_remote_code` goes only to components from this pipeline's own repo (when it
+        has one). As in
+        diffusers, an unknown name or a component that fails to load is reported as a warning
+        and left None; `strict=True` raises `ValueError` / `ComponentLoadError` instead.
         """
-        dtype = dtype if dtype is not None else torch_dtype
-        self._default_dtype = dtype
-        for name in self._names_to_load(names, workflow):
-            self._load_one(name, _dtype_for(dtype, name))
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        self._default_dtype = kwargs.get("dtype")
+        for name in self._names_to_load(names, workflow, strict):
+            spec = self._component_specs[name]
+            if spec.pretrained_model_name_or_path is None:
+                if strict:
+                    raise ComponentLoadError(
+                        f"component {name!r} has no source: give the pipeline a checkpoint or "
+                        "set it with update_components"
+                    )
+                logger.info("load_components: skipping %r, it has no source", name)
+                continue
+            try:
+                self._load_one(name, self._kwargs_for(name, kwargs))
+            except Exception as error:
+                if strict:
+                    raise
+                warnings.warn(
+                    f"load_components: {name!r} was not loaded and stays None: {error}",
+                    UserWarning, stacklevel=2,
+                )
         if device is not None:
             self.to(device)
         return self
 
-    def _names_to_load(self, names: str | Iterable[str] | None, workflow: str | None) -> list[str]:
+    def _names_to_load(
+        self, names: str | Iterable[str] | None, workflow: str | None, strict: bool
+    ) -> list[str]:
         if names is not None and workflow is not None:
             raise ValueError("load_components: pass names or workflow, not both")
-        pretrained = [
-            name for name, spec in self._specs.items()
-            if spec.default_creation_method == "from_pretrained"
-        ]
-        if workflow is not None:
-            needed = self._blocks.get_workflow(workflow).component_names
-            return [name for name in pretrained if name in needed]
+        specs = self._component_specs
         if names is None:
-            return [n for n in pretrained if self._specs[n].pretrained_model_name_or_path]
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = [name for name in names if name not in self._specs]
+            wanted = [
+                name for name, spec in specs.items()
+                if spec.default_creation_method == "from_pretrained"
+                and spec.pretrained_model_name_or_path is not None
+                and self._components.get(name) is None
+            ]
+        else:
+            wanted = [names] if isinstance(names, str) else list(names)
+        if workflow is not None:
+            needed = set(self._blocks.get_workflow(workflow).component_names)
+            wanted = [name for name in wanted if name in needed]
+        unknown = [name for name in wanted if name not in specs]
         if unknown:
-            raise ValueError(
-                f"load_components: unknown component(s) {unknown}; valid: {list(self._specs)}"
-            )
-        return names
+            message = f"load_components: unknown component(s) {unknown}; valid: {list(specs)}"
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message + "; ignored", UserWarning, stacklevel=3)
+        return [name for name in wanted if name in specs]
 
-    def _load_one(self, name: str, dtype: torch.dtype | None) -> Any:
-        spec = self._specs[name]
+    def _kwargs_for(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """This component's share of `load_components`' keywords."""
+        chosen: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if not isinstance(value, dict):
+                chosen[key] = value
+            elif name in value:
+                chosen[key] = value[name]
+            elif "default" in value:
+                chosen[key] = value["default"]
+        spec = self._component_specs[name]
+        own = self._pretrained_model_name_or_path
+        foreign = own is not None and spec.pretrained_model_name_or_path != own
+        if "trust_remote_code" in chosen and foreign:
+            # Trusting this pipeline's repo is not trusting every repo its index points at.
+            del chosen["trust_remote_code"]
+        return chosen
+
+    def _load_one(self, name: str, load_kwargs: dict[str, Any]) -> Any:
+        dtype = load_kwargs.pop("dtype", None)
+        overrides = {key: load_kwargs.pop(key) for key in LOADING_FIELDS if key in load_kwargs}
+        if overrides:
+            self._component_specs[name] = replace(self._component_specs[name], **overrides)
+        spec = self._component_specs[name]
+        if self._manager is not None:
+            # Another pipeline on this manager may have loaded it: take that object, read
+            # nothing.
+            shared = self._manager.find_loaded(spec.load_id, dtype)
+            if shared is not None:
+                return self._set_component(name, shared, load_id=spec.load_id, dtype=dtype)
         index_class = self._index.component_classes.get(name) if self._index else None
-        component = load_component(spec, index_class, dtype, **self._hub_kwargs)
-        return self._set_component(name, component, load_id=spec.load_id)
+        component = load_component(spec, index_class, dtype, load_kwargs=load_kwargs,
+                                   **self._hub_kwargs)
+        tag_load_id(component, spec.load_id)
+        return self._set_component(name, component, load_id=spec.load_id, dtype=dtype)
 
     def unload_components(self, names: str | Iterable[str] | None = None) -> None:
         """Drop components (all loaded ones by default).
@@ -307,42 +470,68 @@ class ModularPipeline(LoraPipelineMixin):
             yield
 
     def _load_missing(self, name: str) -> Any:
-        spec = self._specs.get(name)
+        spec = self._component_specs.get(name)
         if spec is None or spec.pretrained_model_name_or_path is None:
             raise ValueError(
                 f"component {name!r} is not loaded and has no source; set it with "
                 f"pipe.update_components({name}=...) or load a checkpoint"
             )
         logger.info("loading component %r on first use", name)
-        return self._load_one(name, _dtype_for(self._default_dtype, name))
+        return self._load_one(name, self._kwargs_for(name, {"dtype": self._default_dtype}))
 
     # -- saving ------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write every loaded component (safetensors) and a `modular_model_index.json`."""
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        overwrite_modular_index: bool = True,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str | None = None,
+    ) -> None:
+        """Write the loaded components (one subfolder each), a `modular_model_index.json` that
+        blockserve and diffusers both read, and a model card (`README.md`, unless one is there).
+
+        Each saved component's index entry points at `save_directory`; with
+        `overwrite_modular_index=False` a component loaded from a source keeps pointing there
+        (one set by hand has no source, so it points here anyway). Components not loaded keep
+        their recorded source."""
+        import diffusers
+
+        from blocks.model_card import write_model_card
+
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         index: dict[str, Any] = {
+            "_class_name": type(self).__name__,
             "_blocks_class_name": type(self._blocks).__name__,
-            "_class_name": "ModularPipeline",
+            "_diffusers_version": diffusers.__version__,
             **self._configs,
         }
-        for name, component in self._components.items():
-            if component is None:
-                continue
-            if not hasattr(component, "save_pretrained"):
-                raise ValueError(f"save_pretrained: component {name!r} cannot be saved")
-            component.save_pretrained(str(folder / name))
-            spec = self._specs[name]
-            library, class_name = component_class_entry(component)
-            index[name] = [
-                library,
-                class_name,
-                {"pretrained_model_name_or_path": None, "subfolder": name,
-                 "variant": None, "revision": None,
-                 "default_creation_method": spec.default_creation_method},
-            ]
+        options = {"safe_serialization": safe_serialization, "variant": variant,
+                   "max_shard_size": max_shard_size}
+        for name, spec in self._component_specs.items():
+            component = self._components.get(name)
+            saveable = component is not None and hasattr(component, "save_pretrained")
+            if spec.default_creation_method != "from_pretrained" and not saveable:
+                continue  # recreated from the blocks' config on load
+            record = {
+                "type_hint": list(_class_entry(spec.type_hint)) if component is None
+                else list(component_class_entry(component)),
+                **{field: getattr(spec, field) for field in LOADING_FIELDS},
+            }
+            if saveable:
+                accepted = _save(component, folder / name, options)
+                has_source = getattr(component, LOAD_ID_ATTRIBUTE, None) not in (None, NO_LOAD_ID)
+                if overwrite_modular_index or not has_source:
+                    record.update(pretrained_model_name_or_path=str(save_directory),
+                                  subfolder=name, revision=None,
+                                  variant=variant if "variant" in accepted else None)
+            library, class_name = component_class_entry(component) if component is not None \
+                else (None, None)
+            index[name] = [library, class_name, record]
         (folder / MODULAR_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_model_card(self._blocks, folder)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -363,16 +552,29 @@ class ModularPipeline(LoraPipelineMixin):
         """Run the blocks. Returns the final state, one value (`output="images"`) or a dict
         of values (`output=[...]`). A passed `state` is copied, never mutated.
 
+        Every input the blocks declare goes into the state first: the value passed, else the
+        one already in a passed state, else its declared default. A kwargs-type group can be
+        passed as a dict (`denoiser_input_fields={...}`): each entry is tagged. Other keywords
+        are warned about once and ignored.
+
         `callback_on_step_end(step, timestep, block_state)` runs after every denoising step;
         returning True stops the call with `GenerationCancelled`.
         """
         state = PipelineState() if state is None else state.copy()
-        known = {p.name for p in self._blocks.inputs if p.name is not None}
-        kinds = {p.name: p.kwargs_type for p in self._blocks.inputs if p.name is not None}
-        for key, value in kwargs.items():
-            if key not in known:
-                self._warn_unknown(key, known)
-            state.set(key, value, kinds.get(key))
+        passed = dict(kwargs)
+        inputs = self._blocks.inputs
+        for param in inputs:
+            if param.name is not None and param.name in passed:
+                state.set(param.name, passed.pop(param.name), param.kwargs_type)
+            elif param.kwargs_type is not None and param.kwargs_type in passed:
+                for key, value in dict(passed.pop(param.kwargs_type)).items():
+                    state.set(key, value, param.kwargs_type)
+            elif param.name is not None and param.name not in state:
+                # A required input is required even with a default: leave it missing.
+                default = None if param.required else copy.copy(param.default)
+                state.set(param.name, default, param.kwargs_type)
+        for key in passed:
+            self._warn_unknown(key, {p.key for p in inputs})
         if callback_on_step_end is not None:
             state.step_callback = callback_on_step_end
         with torch.inference_mode():
@@ -397,12 +599,43 @@ class ModularPipeline(LoraPipelineMixin):
     def __repr__(self) -> str:
         loaded = {n: type(c).__name__ for n, c in self._components.items() if c is not None}
         return (
-            f"ModularPipeline(blocks={type(self._blocks).__name__}, components={loaded}, "
+            f"{type(self).__name__}(blocks={type(self._blocks).__name__}, components={loaded}, "
             f"missing={self.null_component_names}, configs={self._configs})"
         )
 
 
-def _dtype_for(dtype: DtypeArg, name: str) -> torch.dtype | None:
-    if isinstance(dtype, dict):
-        return dtype.get(name, dtype.get("default"))
-    return dtype
+def pipeline_class_for_blocks(blocks: ModularPipelineBlocks) -> type[ModularPipeline]:
+    """The pipeline class `blocks.init_pipeline()` makes: its family's, else the generic one."""
+    return _pipeline_class(blocks, None)
+
+
+def _pipeline_class(
+    blocks: ModularPipelineBlocks | None, index: CheckpointIndex | None
+) -> type[ModularPipeline]:
+    """The index's pipeline class if a family registered it; else the family's pipeline class
+    for the blocks (or, for an index without blocks named, its checkpoint's family)."""
+    from blocks.families import blocks_for_index, pipeline_class_for_model, pipeline_class_named
+
+    if index is not None:
+        named = pipeline_class_named(index.class_name)
+        if named is not None:
+            return named
+        if blocks is None:
+            blocks = blocks_for_index(index)
+    model_name = getattr(blocks, "model_name", None)
+    configs = index.configs if index is not None else None
+    return pipeline_class_for_model(model_name, configs) or ModularPipeline
+
+
+def _class_entry(cls: type | None) -> tuple[str | None, str | None]:
+    if cls is None:
+        return None, None
+    return cls.__module__.split(".")[0], cls.__name__
+
+
+def _save(component: Any, path: Path, options: dict[str, Any]) -> set[str]:
+    """`component.save_pretrained(path)` with the options its signature takes; returns them."""
+    parameters = inspect.signature(component.save_pretrained).parameters
+    accepted = {k: v for k, v in options.items() if v is not None and k in parameters}
+    component.save_pretrained(str(path), **accepted)
+    return set(accepted)

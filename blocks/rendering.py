@@ -17,6 +17,15 @@ def type_name(type_hint: Any) -> str:
     return str(type_hint).replace("typing.", "")
 
 
+def distinct_defaults(param: Any) -> list[Any]:
+    """The different defaults the branches of a conditional block give an input, in order."""
+    distinct: list[Any] = []
+    for value in (param.defaults_by_block or {}).values():
+        if value not in distinct:
+            distinct.append(value)
+    return distinct
+
+
 def _indent(text: str, spaces: int) -> str:
     return textwrap.indent(text, " " * spaces)
 
@@ -64,8 +73,11 @@ def render_doc(block: ModularPipelineBlocks) -> str:
     for param in block.inputs:
         if param.required:
             flag = "*required*"
+        elif param.defaults_by_block:
+            distinct = " or ".join(str(v) for v in distinct_defaults(param))
+            flag = f"*optional*, defaults to {distinct}, depending on the workflow"
         elif param.default is not None:
-            flag = f"*optional*, defaults to {param.default!r}"
+            flag = f"*optional*, defaults to {param.default}"
         else:
             flag = "*optional*"
         lines.append(f"    {param.key} (`{type_name(param.type_hint)}`, {flag}):")
@@ -73,7 +85,7 @@ def render_doc(block: ModularPipelineBlocks) -> str:
             lines.append(_indent(param.description, 8))
     lines.append("")
     lines.append("  Outputs:")
-    for param in block.intermediate_outputs:
+    for param in block.outputs:
         lines.append(f"    {param.name} (`{type_name(param.type_hint)}`):")
         if param.description:
             lines.append(_indent(param.description, 8))

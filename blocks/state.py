@@ -70,17 +70,12 @@ class PipelineState:
 
 
 class BlockState:
-    """The attributes one block reads and writes while it runs.
+    """The attributes one block reads and writes while it runs."""
 
-    It remembers the input values it was created with, so `set_block_state` can tell which
-    inputs the block replaced (and write only those back).
-    """
-
-    __slots__ = ("_read", "_values")
+    __slots__ = ("_values",)
 
     def __init__(self, **values: Any) -> None:
         object.__setattr__(self, "_values", dict(values))
-        object.__setattr__(self, "_read", dict(values))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # keeps copy/pickle probing away from the values
@@ -103,20 +98,13 @@ class BlockState:
         return key in self._values
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"values": self._values, "read": self._read}
+        return {"values": self._values}
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         object.__setattr__(self, "_values", data["values"])
-        object.__setattr__(self, "_read", data["read"])
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._values.get(key, default)
-
-    def replaced(self, key: str) -> bool:
-        """Whether `key` now holds another object than the one the block was given."""
-        if key not in self._values:
-            return False
-        return key not in self._read or self._values[key] is not self._read[key]
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)

@@ -84,7 +84,7 @@ class BlockHost:
                       and _is_module_type(pipe.component_specs[name].type_hint)]
             private = [name for name in pretrained if name not in pooled]
             if private:
-                pipe.load_components(names=private, dtype=DTYPES[dtype])
+                pipe.load_components(names=private, dtype=DTYPES[dtype], strict=True)
                 pipe.to(config.get("device", "cpu"))
             for name in pooled:
                 module = pool.load(model, config["path"], name, dtype,

@@ -108,7 +108,7 @@ def _load_component(path: str, component: str, dtype: str) -> tuple[PackedModule
     """Load one component from its checkpoint, as a replica would, and pack it. Runs in a
     process of its own that exits afterwards, so no private copy outlives the load."""
     pipe = ModularPipeline.from_pretrained(path)
-    pipe.load_components(names=[component], dtype=DTYPES[dtype])
+    pipe.load_components(names=[component], dtype=DTYPES[dtype], strict=True)
     return pack_module(pipe.components[component])
 
 

@@ -279,7 +279,7 @@ class ModelRegistry:
         base = blocks.init_pipeline(
             config.path, components_manager=self.manager, collection=config.name
         )
-        base.load_components(dtype=DTYPES[config.dtype], device=config.device)
+        base.load_components(dtype=DTYPES[config.dtype], device=config.device, strict=True)
         base.set_progress_bar_config(disable=True)
         specs = base.component_specs
         loaded_count = sum(

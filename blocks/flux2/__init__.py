@@ -1,5 +1,7 @@
 """FLUX.2 [klein] as blocks, registered for checkpoints whose index names
-`Flux2KleinPipeline` (diffusers) or `Flux2KleinAutoBlocks` (blockserve).
+`Flux2KleinPipeline` (diffusers' classic pipeline), or the modular names blockserve and
+diffusers both write: `Flux2KleinAutoBlocks` / `Flux2KleinBaseAutoBlocks` and
+`Flux2KleinModularPipeline` / `Flux2KleinBaseModularPipeline`.
 
 The tiny random-weight checkpoint factory lives in `blocks.flux2.tiny_model` and is not
 imported here: it needs diffusers' pipeline classes, which product code never imports.
@@ -7,7 +9,7 @@ imported here: it needs diffusers' pipeline classes, which product code never im
 
 from diffusers import Flux2Transformer2DModel
 
-from blocks.families import register_blocks_class, register_family
+from blocks.families import register_blocks_class, register_family, register_pipeline_class
 from blocks.flux2.before_denoise import (
     Flux2KleinPrepareImageLatentsStep,
     Flux2KleinPrepareLatentsStep,
@@ -30,28 +32,46 @@ from blocks.flux2.modular_blocks import (
     Flux2KleinAutoBlocks,
     Flux2KleinAutoDenoiseStep,
     Flux2KleinAutoVaeEncoderStep,
+    Flux2KleinBaseAutoBlocks,
     Flux2KleinImageConditionedDenoiseStep,
     Flux2KleinText2ImageDenoiseStep,
     Flux2KleinVaeEncoderStep,
+)
+from blocks.flux2.modular_pipeline import (
+    Flux2KleinBaseModularPipeline,
+    Flux2KleinModularPipeline,
+    klein_pipeline_class_name,
 )
 from blocks.flux2.step_cache import Flux2TransformerCacheHooks
 from blocks.lora import register_module_names
 from blocks.step_cache import register_cache_hooks
 
 register_blocks_class(Flux2KleinAutoBlocks)
+register_blocks_class(Flux2KleinBaseAutoBlocks)
 register_cache_hooks(Flux2TransformerCacheHooks())
-register_family(("Flux2KleinPipeline",), lambda index: Flux2KleinAutoBlocks())
+register_pipeline_class(Flux2KleinModularPipeline, "flux2-klein", klein_pipeline_class_name)
+register_pipeline_class(Flux2KleinBaseModularPipeline)
+# diffusers' classic pipeline: distilled or base by the index's `is_distilled`, as diffusers
+# picks the modular class for it.
+register_family(
+    ("Flux2KleinPipeline",),
+    lambda index: Flux2KleinAutoBlocks() if index.configs.get("is_distilled")
+    else Flux2KleinBaseAutoBlocks(),
+)
 register_module_names(Flux2Transformer2DModel, bfl_module_names)  # kohya LoRA files
 
 __all__ = [
     "Flux2KleinAutoBlocks",
     "Flux2KleinAutoDenoiseStep",
     "Flux2KleinAutoVaeEncoderStep",
+    "Flux2KleinBaseAutoBlocks",
+    "Flux2KleinBaseModularPipeline",
     "Flux2KleinDecodeStep",
     "Flux2KleinDenoiseLoop",
     "Flux2KleinImageConditionedDenoiseStep",
     "Flux2KleinImagePreprocessStep",
     "Flux2KleinLoopDenoiser",
+    "Flux2KleinModularPipeline",
     "Flux2KleinPrepareImageLatentsStep",
     "Flux2KleinPrepareLatentsStep",
     "Flux2KleinSchedulerStep",

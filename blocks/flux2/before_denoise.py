@@ -59,6 +59,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 class Flux2KleinPrepareLatentsStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = "Draws the starting noise as packed tokens and makes their position ids."
     expected_components = [
         ComponentSpec("transformer", Flux2Transformer2DModel, "FLUX.2's flow transformer."),
@@ -115,6 +116,7 @@ class Flux2KleinPrepareLatentsStep(ModularPipelineBlocks):
 
 
 class Flux2KleinPrepareImageLatentsStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = (
         "Packs the reference image latents into one token sequence with their position ids, "
         "repeated for every image in the batch."
@@ -143,6 +145,7 @@ class Flux2KleinPrepareImageLatentsStep(ModularPipelineBlocks):
 
 
 class Flux2KleinSetTimestepsStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = "Sets the scheduler's sigmas, shifted for the image size and step count."
     expected_components = [SCHEDULER_SPEC]
     inputs = [

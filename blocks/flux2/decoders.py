@@ -18,6 +18,7 @@ from blocks.specs import ComponentSpec, InputParam, OutputParam
 
 
 class Flux2KleinDecodeStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = "Unpacks the denoised tokens and decodes them with the VAE."
     expected_components = [ComponentSpec("vae", AutoencoderKLFlux2, "FLUX.2's VAE.")]
     inputs = [

@@ -21,6 +21,7 @@ from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 
 
 class Flux2KleinLoopDenoiser(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = (
         "Predicts the flow velocity with the transformer; with guidance also for the empty "
         "prompt, mixed as neg + scale * (cond - neg)."
@@ -90,6 +91,7 @@ class Flux2KleinLoopDenoiser(ModularPipelineBlocks):
 
 
 class Flux2KleinSchedulerStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = "Advances the latents by one flow-matching Euler step."
     expected_components = [SCHEDULER_SPEC]
     inputs = [
@@ -106,6 +108,7 @@ class Flux2KleinSchedulerStep(ModularPipelineBlocks):
 
 
 class Flux2KleinDenoiseLoop(LoopSequentialPipelineBlocks):
+    model_name = "flux2-klein"
     description = "Denoises the latents: transformer prediction, then scheduler step, per timestep."
     loop_inputs = [
         InputParam("timesteps", torch.Tensor, required=True, description="From set_timesteps."),

@@ -102,6 +102,7 @@ def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
 
 
 class Flux2KleinTextEncoderStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = (
         "Encodes prompts with Qwen3 (hidden states of several layers, concatenated), and an "
         "empty negative prompt when the base model uses guidance."
@@ -206,6 +207,7 @@ def preprocess_reference_image(image: Any, multiple_of: int, owner: str) -> torc
 
 
 class Flux2KleinImagePreprocessStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = (
         "Checks reference images and centre-crops them to multiples of 16 px; the first one "
         "sets the output size when height/width are not given."
@@ -239,6 +241,7 @@ class Flux2KleinImagePreprocessStep(ModularPipelineBlocks):
 
 
 class Flux2KleinVaeEncodeStep(ModularPipelineBlocks):
+    model_name = "flux2-klein"
     description = "Encodes each reference image to normalised, patchified VAE latents."
     expected_components = [ComponentSpec("vae", AutoencoderKLFlux2, "FLUX.2's VAE.")]
     inputs = [

@@ -1,8 +1,9 @@
 """FLUX.2 [klein] assembled: text encoder, optional reference-image encoder, denoise, decode.
 
-One blocks class serves both variants: the step-distilled models (`is_distilled: true` in
+The same blocks serve both variants: the step-distilled models (`is_distilled: true` in
 the checkpoint's index; no guidance) and the undistilled base models (classifier-free
-guidance with an empty negative prompt when `guidance_scale > 1`).
+guidance with an empty negative prompt when `guidance_scale > 1`). `Flux2KleinBaseAutoBlocks`
+is the base variant under diffusers' name: the same blocks with `is_distilled` false by default.
 
     pipe = ModularPipeline.from_pretrained("black-forest-labs/FLUX.2-klein-4B")
     pipe.load_components(dtype=torch.bfloat16)
@@ -11,6 +12,8 @@ guidance with an empty negative prompt when `guidance_scale > 1`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from blocks.composites import AutoPipelineBlocks, SequentialPipelineBlocks
 from blocks.flux2.before_denoise import (
@@ -25,6 +28,7 @@ from blocks.flux2.encoders import (
     Flux2KleinTextEncoderStep,
     Flux2KleinVaeEncodeStep,
 )
+from blocks.specs import ConfigSpec
 
 
 class Flux2KleinVaeEncoderStep(SequentialPipelineBlocks):
@@ -86,4 +90,22 @@ class Flux2KleinAutoBlocks(SequentialPipelineBlocks):
         return (
             "FLUX.2 [klein]: text-to-image, or generation conditioned on reference images "
             "when `image` is given; classifier-free guidance for the undistilled base model."
+        )
+
+
+class Flux2KleinBaseAutoBlocks(Flux2KleinAutoBlocks):
+    """FLUX.2 [klein] base: text to image or image-conditioned, with classifier-free guidance."""
+
+    @property
+    def expected_configs(self) -> list[ConfigSpec]:
+        return [
+            replace(spec, default=False) if spec.name == "is_distilled" else spec
+            for spec in super().expected_configs
+        ]
+
+    @property
+    def description(self) -> str:
+        return (
+            "FLUX.2 [klein] base (undistilled): text-to-image, or generation conditioned on "
+            "reference images when `image` is given, with classifier-free guidance."
         )

@@ -6,7 +6,7 @@ The tiny random-weight checkpoint factory lives in `blocks.stable_diffusion.tiny
 not imported here.
 """
 
-from blocks.families import register_blocks_class, register_family
+from blocks.families import register_blocks_class, register_family, register_pipeline_class
 from blocks.stable_diffusion.before_denoise import (
     StableDiffusionGuidanceEmbeddingStep,
     StableDiffusionImg2ImgPrepareLatentsStep,
@@ -53,10 +53,12 @@ from blocks.stable_diffusion.modular_blocks import (
     StableDiffusionInpaintVaeEncoderStep,
     StableDiffusionText2ImageDenoiseStep,
 )
+from blocks.stable_diffusion.modular_pipeline import StableDiffusionModularPipeline
 from blocks.stable_diffusion.step_cache import UNetDeepCacheHooks
 from blocks.step_cache import register_cache_hooks
 
 register_cache_hooks(UNetDeepCacheHooks())
+register_pipeline_class(StableDiffusionModularPipeline, "stable-diffusion")
 register_blocks_class(StableDiffusionAutoBlocks)
 register_blocks_class(StableDiffusionControlNetAutoBlocks)
 register_family(
@@ -101,6 +103,7 @@ __all__ = [
     "StableDiffusionLoopAfterDenoiser",
     "StableDiffusionLoopBeforeDenoiser",
     "StableDiffusionLoopDenoiser",
+    "StableDiffusionModularPipeline",
     "StableDiffusionPrepareLatentsStep",
     "StableDiffusionSetTimestepsStep",
     "StableDiffusionText2ImageDenoiseStep",

@@ -167,6 +167,7 @@ def set_scheduler_timesteps(
 
 
 class StableDiffusionSetTimestepsStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Sets the scheduler's timesteps."
     expected_components = [scheduler_spec()]
     inputs = [
@@ -190,6 +191,7 @@ class StableDiffusionSetTimestepsStep(ModularPipelineBlocks):
 
 
 class StableDiffusionImg2ImgSetTimestepsStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Sets the scheduler's timesteps and skips the first (1 - strength) of them: the "
         "denoising starts from the given image noised to the first remaining timestep."
@@ -250,6 +252,7 @@ class StableDiffusionInpaintSetTimestepsStep(StableDiffusionImg2ImgSetTimestepsS
 
 
 class StableDiffusionPrepareLatentsStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Draws the starting noise, scaled by the scheduler's initial sigma."
     expected_components = [unet_spec(), scheduler_spec()]
     inputs = [
@@ -294,6 +297,7 @@ class StableDiffusionPrepareLatentsStep(ModularPipelineBlocks):
 
 
 class StableDiffusionImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Samples the image's VAE posterior and noises it to the first timestep."
     expected_components = [scheduler_spec()]
     inputs = [
@@ -326,6 +330,7 @@ class StableDiffusionImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
 
 
 class StableDiffusionInpaintPrepareLatentsStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Starts from noise at strength 1, else from the image noised to the first timestep; "
         "keeps the noise and (for 4-channel UNets) the image latents for blending."
@@ -380,6 +385,7 @@ class StableDiffusionInpaintPrepareLatentsStep(ModularPipelineBlocks):
 
 
 class StableDiffusionInpaintPrepareMaskLatentsStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Shrinks the mask to latent size and samples the masked image's posterior."
     inputs = [
         InputParam("mask", torch.Tensor, required=True, description="(K, 1, H, W), 1 = repaint."),
@@ -434,6 +440,7 @@ def guidance_scale_embedding(
 
 
 class StableDiffusionGuidanceEmbeddingStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "For UNets distilled with the guidance scale as an input (time_cond_proj_dim, e.g. "
         "LCM), embeds guidance_scale - 1; None for other UNets."

@@ -47,6 +47,7 @@ def controlnet_keep(num_steps: int, start: float, end: float) -> list[float]:
 
 
 class StableDiffusionControlNetInputStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Prepares the control image for the ControlNet (its size is the output size unless "
         "height/width are given) and which steps the ControlNet acts on."
@@ -109,6 +110,7 @@ class StableDiffusionControlNetInputStep(ModularPipelineBlocks):
 
 
 class StableDiffusionControlNetLoopDenoiser(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Runs the ControlNet on the control image, then the UNet with its residuals, and "
         "applies classifier-free guidance."

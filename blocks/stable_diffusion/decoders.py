@@ -16,6 +16,7 @@ from blocks.specs import ComponentSpec, InputParam, OutputParam
 
 
 class StableDiffusionDecodeStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Decodes the denoised latents with the VAE."
     expected_components = [ComponentSpec("vae", AutoencoderKL, "SD's VAE.")]
     inputs = [

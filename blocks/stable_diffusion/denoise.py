@@ -70,6 +70,7 @@ GUIDANCE_INPUTS = [
 
 
 class StableDiffusionLoopBeforeDenoiser(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Doubles the latents for guidance and scales them for the scheduler."
     expected_components = [unet_spec(), scheduler_spec()]
     inputs = [
@@ -113,6 +114,7 @@ class StableDiffusionInpaintLoopBeforeDenoiser(StableDiffusionLoopBeforeDenoiser
 
 
 class StableDiffusionLoopDenoiser(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Predicts the noise with the UNet and applies classifier-free guidance."
     expected_components = [unet_spec()]
     inputs = [
@@ -149,6 +151,7 @@ def extra_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, A
 
 
 class StableDiffusionLoopAfterDenoiser(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Advances the latents by one scheduler step."
     expected_components = [scheduler_spec()]
     inputs = [
@@ -207,6 +210,7 @@ class StableDiffusionInpaintLoopAfterDenoiser(StableDiffusionLoopAfterDenoiser):
 
 
 class StableDiffusionDenoiseLoop(LoopSequentialPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Denoises the latents: UNet input, guided noise prediction, scheduler step."
     loop_inputs = [
         InputParam("timesteps", torch.Tensor, required=True, description="From set_timesteps."),

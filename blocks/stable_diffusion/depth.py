@@ -37,6 +37,7 @@ def normalise_depth(depth: torch.Tensor) -> torch.Tensor:
 
 
 class DepthProcessorBlock(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Estimates a depth map of each image with Depth Anything, as a 3-channel image at "
         "the image's size, for a depth ControlNet."

@@ -123,6 +123,7 @@ def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
 
 
 class StableDiffusionTextEncoderStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Encodes the prompts with CLIP, and the negative prompts when guidance_scale > 1 "
         "(for classifier-free guidance)."
@@ -233,6 +234,7 @@ def encode_posterior(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 
 class StableDiffusionImagePreprocessStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Resizes the image(s) to edit and scales them to [-1, 1]; their size (rounded down to "
         "a multiple of the VAE factor) is the output size unless height/width are given."
@@ -262,6 +264,7 @@ class StableDiffusionImagePreprocessStep(ModularPipelineBlocks):
 
 
 class StableDiffusionInpaintPreprocessStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = (
         "Resizes the image and the mask to the output size (the UNet's native size unless "
         "height/width are given), binarises the mask (white = repaint) and blanks the "
@@ -302,6 +305,7 @@ class StableDiffusionInpaintPreprocessStep(ModularPipelineBlocks):
 
 
 class StableDiffusionVaeEncodeStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Encodes the image(s) to edit to VAE posteriors (sampled later, in denoise)."
     expected_components = [ComponentSpec("vae", AutoencoderKL, "SD's VAE.")]
     inputs = [
@@ -321,6 +325,7 @@ class StableDiffusionVaeEncodeStep(ModularPipelineBlocks):
 
 
 class StableDiffusionInpaintVaeEncodeStep(ModularPipelineBlocks):
+    model_name = "stable-diffusion"
     description = "Encodes the image and the masked image to VAE posteriors."
     expected_components = [ComponentSpec("vae", AutoencoderKL, "SD's VAE.")]
     inputs = [

@@ -113,8 +113,10 @@ def test_kwargs_type_values_are_collected_as_dict_and_attributes():
     blocks = SequentialPipelineBlocks.from_blocks_dict({"tag": Tag, "collect": CollectExtras})
     seen = blocks.init_pipeline()(output="seen")
     assert seen == ({"a": 1, "b": 2}, 1, 2)
-    # the group is produced inside, so the composite does not ask the user for it
-    assert [p.key for p in blocks.inputs] == []
+    # the group stays an input (as in diffusers): the caller may add to it as a dict
+    assert [p.key for p in blocks.inputs] == ["**extras"]
+    seen = blocks.init_pipeline()(extras={"c": 3}, output="seen")
+    assert seen == ({"c": 3, "a": 1, "b": 2}, 1, 2)
 
 
 def test_leaf_block_runs_with_exactly_its_declared_inputs():
@@ -147,9 +149,9 @@ class FillSize(ModularPipelineBlocks):
         return components, state
 
 
-def test_inputs_a_block_replaces_are_written_back_untouched_ones_are_not():
+def test_inputs_a_block_replaces_and_defaults_end_in_the_state():
     blocks = SequentialPipelineBlocks.from_blocks_dict({"fill": FillSize})
     state = blocks.init_pipeline()()
     assert state.get("height") == 32
-    assert "width" not in state  # the default was read, not replaced: nothing written
+    assert state.get("width") == 16  # every declared input is in the state, as in diffusers
     assert blocks.init_pipeline()(height=8, output="height") == 8

@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 
+import diffusers
 import pytest
 
 from blocks import ModularPipeline, ModularPipelineBlocks
@@ -18,7 +19,7 @@ SOURCE = textwrap.dedent(
 
 
     class ShoutBlock(ModularPipelineBlocks):
-        requirements = REQUIREMENTS
+        _requirements = REQUIREMENTS
         description = "Upper-cases the prompt."
         inputs = [InputParam("prompt", str, required=True)]
         intermediate_outputs = [OutputParam("shout", str)]
@@ -48,6 +49,7 @@ def test_save_writes_config_and_source(tmp_path):
     config = json.loads((tmp_path / "shared" / "modular_config.json").read_text())
     assert config == {
         "_class_name": "ShoutBlock",
+        "_diffusers_version": diffusers.__version__,
         "auto_map": {"ModularPipelineBlocks": "shout_block.ShoutBlock"},
         "requirements": {"torch": ">=2.0"},
     }
@@ -64,11 +66,15 @@ def test_loading_requires_trust_remote_code(tmp_path):
     assert pipe(prompt="hi", output="shout") == "HI!"
 
 
-def test_unmet_requirements_are_listed(tmp_path):
+def test_unmet_requirements_are_listed_in_a_warning(tmp_path):
     requirements = {"torch": ">=999", "no-such-package-blockserve": ">=1"}
-    _custom_blocks(tmp_path, requirements).save_pretrained(str(tmp_path / "shared"))
-    with pytest.raises(ImportError) as raised:
-        ModularPipelineBlocks.from_pretrained(str(tmp_path / "shared"), trust_remote_code=True)
-    message = str(raised.value)
+    with pytest.warns(UserWarning):
+        _custom_blocks(tmp_path, requirements).save_pretrained(str(tmp_path / "shared"))
+    # As in diffusers: a warning that names them, then the blocks load anyway.
+    with pytest.warns(UserWarning) as caught:
+        blocks = ModularPipelineBlocks.from_pretrained(str(tmp_path / "shared"),
+                                                       trust_remote_code=True)
+    message = " ".join(str(w.message) for w in caught)
     assert "torch>=999 (installed: 2." in message
     assert "no-such-package-blockserve>=1 (not installed)" in message
+    assert type(blocks).__name__ == "ShoutBlock"

@@ -67,7 +67,9 @@ def test_torch_dtype_alias_and_device(checkpoint, no_hub):
 def test_unknown_component_name_lists_valid(checkpoint, no_hub):
     pipe = ModularPipeline.from_pretrained(str(checkpoint))
     with pytest.raises(ValueError, match=r"unknown component\(s\) \['unet'\]; valid:"):
-        pipe.load_components(names=["unet"])
+        pipe.load_components(names=["unet"], strict=True)
+    with pytest.warns(UserWarning, match=r"unknown component\(s\) \['unet'\]; valid:"):
+        pipe.load_components(names=["unet"])  # as in diffusers: warned about and ignored
     with pytest.raises(ValueError, match="unknown workflow 'inpaint'"):
         pipe.load_components(workflow="inpaint")
 
@@ -79,8 +81,11 @@ def test_failed_load_names_component_and_source(checkpoint, tmp_path, no_hub):
     pipe = ModularPipeline.from_pretrained(str(broken))
     expected = rf"component 'vae' \(AutoencoderKL\) from {broken}"
     with pytest.raises(ComponentLoadError, match=expected):
-        pipe.load_components(names="vae")
+        pipe.load_components(names="vae", strict=True)
     assert pipe.vae is None  # no silent half-load
+    with pytest.warns(UserWarning, match=expected):
+        pipe.load_components(names="vae")  # as in diffusers: warned about, left None
+    assert pipe.vae is None
 
 
 def test_update_and_unload_components(checkpoint, no_hub):
@@ -177,6 +182,19 @@ def test_repo_id_fetches_index_first_then_only_loaded_subfolders(checkpoint, mon
     pipe.load_components(names="vae")
     assert calls == [["vae/*"]]
 
+
+
+def test_from_pretrained_workflow_prunes_the_blocks(checkpoint, monkeypatch):
+    import huggingface_hub
+
+    def strict_snapshot_download(repo_id, allow_patterns=None, revision=None):
+        return str(checkpoint)  # no **kwargs: anything else passed fails the call
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", strict_snapshot_download)
+    for source in (str(checkpoint), "org/tiny"):
+        pipe = ModularPipeline.from_pretrained(source, workflow="text2image")
+        assert list(pipe.blocks.sub_blocks) == ["text_encoder", "decode"]
+        assert sorted(pipe.null_component_names) == ["text_encoder", "vae"]
 
 
 def test_pipelines_sharing_a_manager_hold_one_copy(checkpoint, tmp_path, no_hub):
