@@ -6,8 +6,10 @@ checkpoint (each from its workflow's blocks) twice, each time in a fresh process
 - shared: one `ComponentsManager`, so each model is loaded once and handed to all three;
 - independent: no manager, so every pipeline loads its own copy, as diffusers does.
 
-Prints bytes held by distinct model tensors and the peak RSS growth over the import baseline
-for both, and the shared/independent ratios. Goal: bytes ratio <= 0.4.
+Prints bytes held by distinct model tensors, the peak RSS growth over the import baseline and
+the time `load_components` took (the shared pipelines after the first take the first one's
+objects without reading anything) for both, and the shared/independent ratios. Goal: bytes
+ratio <= 0.4.
 
     python bench/memory_sharing.py [--checkpoint DIR]
 """
@@ -20,6 +22,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 WORKFLOWS = ("text2image", "image2image", "inpaint")
@@ -39,12 +42,15 @@ def measure(mode: str, checkpoint: str) -> dict[str, int]:
     baseline = _rss_peak_bytes()
     manager = ComponentsManager() if mode == "shared" else None
     pipes = []
+    load_seconds = 0.0
     for workflow in WORKFLOWS:
         blocks = StableDiffusionAutoBlocks().get_workflow(workflow)
         pipe = ModularPipeline(
             blocks, checkpoint, components_manager=manager, collection=workflow
         )
+        start = time.perf_counter()
         pipe.load_components(dtype=torch.float32, strict=True)
+        load_seconds += time.perf_counter() - start
         pipes.append(pipe)
     tensors = {}
     for pipe in pipes:
@@ -52,7 +58,8 @@ def measure(mode: str, checkpoint: str) -> dict[str, int]:
             if isinstance(component, torch.nn.Module):
                 for tensor in component.state_dict().values():
                     tensors[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-    return {"bytes_held": sum(tensors.values()), "rss_growth": _rss_peak_bytes() - baseline}
+    return {"bytes_held": sum(tensors.values()), "rss_growth": _rss_peak_bytes() - baseline,
+            "load_seconds": load_seconds}
 
 
 def main() -> None:
@@ -81,12 +88,14 @@ def main() -> None:
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     mib = 1024 * 1024
     print(f"three pipelines ({', '.join(WORKFLOWS)}) on {checkpoint}")
-    print(f"{'':14}{'bytes held':>14}{'peak RSS growth':>18}")
+    print(f"{'':14}{'bytes held':>14}{'peak RSS growth':>18}{'load time':>12}")
     for mode, row in results.items():
-        print(f"{mode:14}{row['bytes_held'] / mib:>11.2f} MiB{row['rss_growth'] / mib:>15.2f} MiB")
+        print(f"{mode:14}{row['bytes_held'] / mib:>11.2f} MiB{row['rss_growth'] / mib:>15.2f} MiB"
+              f"{row['load_seconds']:>10.3f} s")
     shared, alone = results["shared"], results["independent"]
     print(f"{'ratio':14}{shared['bytes_held'] / alone['bytes_held']:>14.3f}"
-          f"{shared['rss_growth'] / max(alone['rss_growth'], 1):>18.3f}   (goal: bytes <= 0.4)")
+          f"{shared['rss_growth'] / max(alone['rss_growth'], 1):>18.3f}"
+          f"{shared['load_seconds'] / alone['load_seconds']:>12.3f}   (goal: bytes <= 0.4)")
 
 
 if __name__ == "__main__":
