@@ -4,8 +4,8 @@ Each scenario is a function of a library namespace (`lib.SequentialPipelineBlock
 `lib.InputParam`, ...) that defines its blocks on that library's base classes, runs them, and
 returns what a user would look at; `same(scenario)` runs it on both and asserts equality, then
 hands back the result so the test can also pin the expected value (a change in both libraries
-still fails). Scenarios diffusers cannot run here (no `accelerate`, or where we differ on
-purpose, listed in the README's "Differences from diffusers") check blocks alone.
+still fails). Scenarios where we differ on purpose (listed in the README's "Differences from
+diffusers") or that exercise what diffusers lacks (`strict=True`) check blocks alone.
 """
 
 from __future__ import annotations
@@ -324,7 +324,8 @@ def test_component_spec_load_and_update_components_keep_the_source(vae_dir):
         return (pipe.vae.dtype, kept.pretrained_model_name_or_path, kept.load_id,
                 lost.pretrained_model_name_or_path, pipe.default_call_parameters)
 
-    assert same(scenario)[:2] == (torch.float32, str(vae_dir))
+    assert same(scenario) == (torch.float32, str(vae_dir), f"{vae_dir}||null|null", None,
+                              {"prompt": None})
 
 
 # -- 9. index files -----------------------------------------------------------------------------
@@ -399,26 +400,50 @@ def test_components_manager_names():
     assert ok and listed and info["size_gb"] == tiny_vae(1).get_memory_footprint() / 1024**3
 
 
+class SizedModel(torch.nn.Linear):
+    """A model of `size` bytes that reports its footprint as diffusers' models do."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size // 4, 1, bias=False)
+
+    def get_memory_footprint(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
 def test_auto_offload_strategy_picks_the_smallest_sufficient_set(monkeypatch):
+    from diffusers.modular_pipelines.components_manager import (
+        AutoOffloadStrategy as DiffusersAutoOffloadStrategy,
+    )
+
     from blocks.offload_strategy import AutoOffloadStrategy
 
     unit = 1024
-    model = lambda size: torch.nn.Linear(size // 4, 1, bias=False)  # noqa: E731
-    hook = lambda model_id, size: SimpleNamespace(model_id=model_id, model=model(size))  # noqa: E731
+    cases = [  # (incoming, free, resident sizes, margin), in units
+        (4, 70, {"a": 5, "b": 3}, 1), (6, 4, {"a": 5, "b": 3, "c": 2}, 1),
+        (8, 4, {"a": 4, "b": 4, "c": 1}, 1), (11, 1, {"a": 5, "b": 3}, 1),
+        (3, 5, {"a": 2}, 3),
+    ]
 
-    def pick(incoming: int, free: int, sizes: dict[str, int], margin: int = unit) -> list[str]:
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * unit))
-        hooks = [hook(name, size) for name, size in sizes.items()]
-        chosen = AutoOffloadStrategy(margin)(hooks, "new", model(incoming), "cuda:0")
-        return sorted(h.model_id for h in chosen)
+    def scenario(strategy_class):
+        picks = []
+        for incoming, free, sizes, margin in cases:
+            monkeypatch.setattr(torch.cuda, "mem_get_info",
+                                lambda device=None, free=free: (free * unit, 80 * unit))
+            hooks = [SimpleNamespace(model_id=n, model=SizedModel(s * unit))
+                     for n, s in sizes.items()]
+            chosen = strategy_class(margin * unit)(hooks, "new", SizedModel(incoming * unit),
+                                                   "cuda:0")
+            picks.append(sorted(h.model_id for h in chosen))
+        return picks, strategy_class("3GB").memory_reserve_margin
 
-    # The choices diffusers' own strategy tests expect.
-    assert pick(4 * unit, 70 * unit, {"a": 5 * unit, "b": 3 * unit}) == []
-    assert pick(6 * unit, 4 * unit, {"a": 5 * unit, "b": 3 * unit, "c": 2 * unit}) == ["b"]
-    assert pick(8 * unit, 4 * unit, {"a": 4 * unit, "b": 4 * unit, "c": unit}) == ["a", "c"]
-    assert pick(11 * unit, unit, {"a": 5 * unit, "b": 3 * unit}) == ["a", "b"]
-    assert pick(3 * unit, 5 * unit, {"a": 2 * unit}, margin=3 * unit) == ["a"]
-    assert AutoOffloadStrategy("3GB").memory_reserve_margin == 3 * 10**9
+    theirs, ours = scenario(DiffusersAutoOffloadStrategy), scenario(AutoOffloadStrategy)
+    assert ours == theirs
+    assert ours == ([[], ["b"], ["a", "c"], ["a", "b"], ["a"]], 3 * 10**9)
+    # A deliberate difference (README): a model that exactly fills the room offloads nothing;
+    # diffusers offloads the smallest resident model.
+    cases[:] = [(4, 5, {"a": 3, "b": 2}, 1)]
+    assert scenario(AutoOffloadStrategy)[0] == [[]]
+    assert scenario(DiffusersAutoOffloadStrategy)[0] == [["b"]]
 
 
 # -- model cards and Mellon ---------------------------------------------------------------------
