@@ -36,6 +36,15 @@ from blocks.step_cache.hooks import (
 )
 
 
+def modulated_input(block: torch.nn.Module, hidden: torch.Tensor,
+                    temb_mod_img: torch.Tensor) -> torch.Tensor:
+    """What a double-stream block's attention reads of the image stream: `(1 + scale) *
+    norm1(hidden) + shift` with the block's timestep modulation; teacache's probe (and the
+    input of its rescaling fit, `bench/step_cache.py --fit-teacache`)."""
+    (shift, scale, _), _ = Flux2Modulation.split(temb_mod_img, 2)
+    return (1 + scale) * block.norm1(hidden) + shift  # (B, S, D)
+
+
 class Flux2TransformerCacheHooks(ModelCacheHooks):
     model_class = Flux2Transformer2DModel
     methods = ("fbcache", "teacache")
@@ -70,8 +79,7 @@ class Flux2TransformerCacheHooks(ModelCacheHooks):
             hidden = kwargs["hidden_states"]  # (B, S, D)
             if call.method == "teacache":
                 if call.mode == "probe":
-                    (shift, scale, _), _ = Flux2Modulation.split(kwargs["temb_mod_img"], 2)
-                    call.keep_probe((1 + scale) * block.norm1(hidden) + shift)
+                    call.keep_probe(modulated_input(block, hidden, kwargs["temb_mod_img"]))
                     raise ProbeDone
                 if call.mode == "cached":
                     return kwargs["encoder_hidden_states"], hidden
