@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from blocks.block import ModularPipelineBlocks, block_path, run_block
+from blocks.block import ModularPipelineBlocks, run_block
 from blocks.errors import GenerationCancelled
 from blocks.insertable_dict import InsertableDict
 from blocks.specs import (
@@ -31,6 +31,9 @@ from blocks.specs import (
     merge_inputs,
 )
 from blocks.state import BlockState, PipelineState
+
+if TYPE_CHECKING:
+    from blocks.stepping import LoopRun
 
 BlockLike = type[ModularPipelineBlocks] | ModularPipelineBlocks
 
@@ -333,6 +336,11 @@ class LoopSequentialPipelineBlocks(CompositeBlocks):
     called as `child(components, block_state, i=i, t=t)`. The default `__call__` iterates over
     `block_state.timesteps` with a progress bar and the pipeline's step callback (return True
     from it to stop: the call ends with `GenerationCancelled`).
+
+    `start(components, state)` begins the loop without running it: the returned
+    `blocks.stepping.LoopRun` is advanced one step at a time from outside, alone or sharing
+    its model forward with other requests' runs (`blocks.stepping.step_together`). `__call__`
+    is that, run to the end.
     """
 
     loop_expected_components: list[ComponentSpec] = []
@@ -379,15 +387,6 @@ class LoopSequentialPipelineBlocks(CompositeBlocks):
     ) -> list[tuple[str, ModularPipelineBlocks]]:
         return ModularPipelineBlocks.collect_execution(self, prefix, active)
 
-    def loop_step(
-        self, components: Any, block_state: BlockState, i: int, t: Any
-    ) -> tuple[Any, BlockState]:
-        """Run every child once for iteration `i` at timestep `t`."""
-        for name, block in self.sub_blocks.items():
-            with block_path(name):
-                components, block_state = block(components, block_state, i=i, t=t)
-        return components, block_state
-
     def step_end(
         self, state: PipelineState, block_state: BlockState, i: int, t: Any, total: int
     ) -> None:
@@ -395,18 +394,20 @@ class LoopSequentialPipelineBlocks(CompositeBlocks):
         if state.step_callback is not None and state.step_callback(i, t, block_state) is True:
             raise GenerationCancelled(i, total)
 
+    def start(self, components: Any, state: PipelineState, path: str | None = None) -> LoopRun:
+        """This loop for one request, at step 0, to be stepped from outside (`LoopRun`);
+        `path` is its dotted name in the pipeline, for error messages."""
+        from blocks.stepping import LoopRun
+
+        return LoopRun(self, components, state, path)
+
     def __call__(self, components: Any, state: PipelineState) -> tuple[Any, PipelineState]:
-        self._check_leaf_children()
-        block_state = self.get_block_state(state)
-        timesteps = block_state.timesteps
-        total = len(timesteps)
-        with progress_bar(components, total) as bar:
-            for i, t in enumerate(timesteps):
-                components, block_state = self.loop_step(components, block_state, i=i, t=t)
+        run = self.start(components, state)
+        with progress_bar(components, run.total) as bar:
+            while not run.done:
+                run.step()
                 bar.update()
-                self.step_end(state, block_state, i, t, total)
-        self.set_block_state(state, block_state)
-        return components, state
+        return run.components, run.finish()
 
 
 def progress_bar(components: Any, total: int) -> contextlib.AbstractContextManager:

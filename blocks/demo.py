@@ -23,6 +23,7 @@ from blocks.composites import (
 from blocks.image_processing import check_output_type, postprocess, to_pixels
 from blocks.randomness import randn
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
+from blocks.stepping import ForwardBatch, ForwardRows, StepForward
 
 COLOURS = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.7, 0.2), "blue": (0.1, 0.2, 0.9),
@@ -34,9 +35,10 @@ COLOURS = {
 class DemoDenoiser(torch.nn.Module):
     """Predicts the flow-matching velocity towards a flat colour image (no weights)."""
 
-    def forward(self, latents: torch.Tensor, sigma: float, target: torch.Tensor) -> torch.Tensor:
-        # (B, 3, H, W); the max() keeps a little of the noise so seeds still show.
-        return (latents - target) / max(sigma, 0.3)
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W), sigma (B,); the clamp keeps a little of the noise so seeds still show.
+        return (latents - target) / sigma.clamp(min=0.3).reshape(-1, 1, 1, 1)
 
 
 def prompt_colour(prompt: str) -> tuple[float, float, float]:
@@ -137,8 +139,8 @@ class DemoImageLatentsStep(ModularPipelineBlocks):
         return components, state
 
 
-class DemoDenoiserStep(ModularPipelineBlocks):
-    description = "Predicts the velocity for one step."
+class DemoDenoiserStep(StepForward):
+    description = "Predicts the velocity for one step (one call for several requests' steps)."
     expected_components = [
         ComponentSpec("denoiser", DemoDenoiser, config={}, default_creation_method="from_config")
     ]
@@ -148,11 +150,21 @@ class DemoDenoiserStep(ModularPipelineBlocks):
     ]
     intermediate_outputs = [OutputParam("noise_pred", torch.Tensor)]
 
-    def __call__(self, components, block_state, i: int, t: torch.Tensor):
-        sigma = float(components.scheduler.sigmas[i])
-        target = block_state.prompt_embeds[:, :, None, None]
-        block_state.noise_pred = components.denoiser(block_state.latents, sigma, target)
-        return components, block_state
+    def forward_rows(self, components, block_state, i: int, t: torch.Tensor):
+        latents = block_state.latents
+        rows = latents.shape[0]
+        sigma = components.scheduler.sigmas[i].reshape(1).expand(rows)  # this request's
+        inputs = {"latents": latents, "sigma": sigma,
+                  "target": block_state.prompt_embeds[:, :, None, None]}
+        return [ForwardRows((type(self), id(components.denoiser), tuple(latents.shape[1:])),
+                            inputs)]
+
+    def forward(self, components, batch: ForwardBatch) -> torch.Tensor:
+        inputs = batch.inputs
+        return components.denoiser(inputs["latents"], inputs["sigma"], inputs["target"])
+
+    def take_outputs(self, components, block_state, outputs, i: int, t: torch.Tensor) -> None:
+        block_state.noise_pred = outputs[0]
 
 
 class DemoSchedulerStep(ModularPipelineBlocks):

@@ -560,6 +560,22 @@ class ModularPipeline(LoraPipelineMixin):
         `callback_on_step_end(step, timestep, block_state)` runs after every denoising step;
         returning True stops the call with `GenerationCancelled`.
         """
+        state = self.input_state(state, **kwargs)
+        if callback_on_step_end is not None:
+            state.step_callback = callback_on_step_end
+        with torch.inference_mode():
+            _, state = run_block(self._blocks, None, self, state)
+        if output is None:
+            return state
+        if isinstance(output, str):
+            return state.get(output)
+        return {name: state.get(name) for name in output}
+
+    def input_state(self, state: PipelineState | None = None, **kwargs: Any) -> PipelineState:
+        """A new state holding `kwargs` as this pipeline's inputs (tagged with their kwargs
+        types; a kwargs-type group passed as a dict is tagged entry by entry), on a copy of
+        `state` if given; every other declared input gets its default unless the state holds
+        it (a required one stays missing); keywords the blocks don't use warn once."""
         state = PipelineState() if state is None else state.copy()
         passed = dict(kwargs)
         inputs = self._blocks.inputs
@@ -575,15 +591,7 @@ class ModularPipeline(LoraPipelineMixin):
                 state.set(param.name, default, param.kwargs_type)
         for key in passed:
             self._warn_unknown(key, {p.key for p in inputs})
-        if callback_on_step_end is not None:
-            state.step_callback = callback_on_step_end
-        with torch.inference_mode():
-            _, state = run_block(self._blocks, None, self, state)
-        if output is None:
-            return state
-        if isinstance(output, str):
-            return state.get(output)
-        return {name: state.get(name) for name in output}
+        return state
 
     def _warn_unknown(self, key: str, known: set[str]) -> None:
         if key in self._warned_kwargs:
@@ -593,7 +601,7 @@ class ModularPipeline(LoraPipelineMixin):
             f"{type(self._blocks).__name__} does not use input {key!r}; it is ignored. "
             f"Inputs: {', '.join(sorted(known))}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def __repr__(self) -> str:

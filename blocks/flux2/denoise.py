@@ -5,7 +5,9 @@ Reference image tokens, when present, are appended to the noisy image tokens for
 transformer and cut off its prediction again. With classifier-free guidance (base model,
 `guidance_scale > 1`) the transformer runs twice, with the prompt and with the empty prompt,
 as two separate calls exactly like the reference pipeline (batching them would change the
-numerics). Progress, step callbacks and cancellation come from the framework's loop.
+numerics). Progress, step callbacks and cancellation come from the framework's loop. The
+transformer calls are a `blocks.stepping.StepForward`: a server can run one step of several
+requests as one call per pass.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from blocks.composites import LoopSequentialPipelineBlocks
 from blocks.flux2.before_denoise import SCHEDULER_SPEC
 from blocks.flux2.encoders import DEFAULT_GUIDANCE_SCALE, uses_guidance
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
+from blocks.stepping import ForwardBatch, ForwardRows, StepForward
 
 
-class Flux2KleinLoopDenoiser(ModularPipelineBlocks):
+class Flux2KleinLoopDenoiser(StepForward):
     model_name = "flux2-klein"
     description = (
         "Predicts the flow velocity with the transformer; with guidance also for the empty "
@@ -50,44 +53,70 @@ class Flux2KleinLoopDenoiser(ModularPipelineBlocks):
         OutputParam("noise_pred", torch.Tensor, "(B, S, C) predicted velocity."),
     ]
 
-    def __call__(self, components, block_state, i: int, t: torch.Tensor):
+    # One transformer call per pass (conditional, and unconditional with guidance), as in the
+    # reference pipeline. Requests share a pass's call when their rows fit together: the same
+    # transformer, token and embedding shapes, and the same position ids (the transformer
+    # takes the ids of the first sample for the whole batch).
+    def forward_rows(self, components, block_state, i: int, t: torch.Tensor):
         transformer = components.transformer
         latents = block_state.latents
-        num_tokens = latents.shape[1]
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        rows = latents.shape[0]
+        timestep = t.expand(rows).to(latents.dtype) / 1000
         hidden_states, img_ids = latents, block_state.latent_ids
         if block_state.condition_latents is not None:
             hidden_states = torch.cat([latents, block_state.condition_latents], dim=1)
             img_ids = torch.cat([img_ids, block_state.condition_ids], dim=1)
         hidden_states = hidden_states.to(transformer.dtype)
-
-        def predict(pass_name: str, embeds: torch.Tensor, txt_ids: torch.Tensor) -> torch.Tensor:
-            with transformer.cache_context(pass_name):
-                prediction = transformer(
-                    hidden_states=hidden_states,
-                    timestep=timestep,
-                    guidance=None,
-                    encoder_hidden_states=embeds,
-                    txt_ids=txt_ids,
-                    img_ids=img_ids,
-                    joint_attention_kwargs=block_state.attention_kwargs,
-                    return_dict=False,
-                )[0]
-            return prediction[:, :num_tokens]  # drop the reference image tokens
-
-        noise_pred = predict("cond", block_state.prompt_embeds, block_state.text_ids)
+        passes = [("cond", block_state.prompt_embeds, block_state.text_ids)]
         if uses_guidance(components, block_state.guidance_scale):
             if block_state.negative_prompt_embeds is None:
                 raise ValueError(
                     f"{self.path}: guidance_scale {block_state.guidance_scale} needs "
                     "negative_prompt_embeds (the text encoder makes them for the base model)"
                 )
-            negative = predict(
-                "uncond", block_state.negative_prompt_embeds, block_state.negative_text_ids
-            )
+            passes.append(("uncond", block_state.negative_prompt_embeds,
+                           block_state.negative_text_ids))
+        kwargs = block_state.attention_kwargs
+        forwards = []
+        for name, embeds, txt_ids in passes:
+            key = (type(self), id(transformer), name, tuple(hidden_states.shape[1:]),
+                   hidden_states.dtype, tuple(embeds.shape[1:]), _ids_key(img_ids),
+                   _ids_key(txt_ids), None if kwargs is None else id(block_state))
+            inputs = {"hidden_states": hidden_states, "timestep": timestep,
+                      "encoder_hidden_states": embeds}
+            options = {"pass": name, "img_ids": img_ids, "txt_ids": txt_ids,
+                       "attention_kwargs": kwargs}
+            forwards.append(ForwardRows(key, inputs, options))
+        return forwards
+
+    def forward(self, components, batch: ForwardBatch) -> torch.Tensor:
+        transformer, options = components.transformer, batch.options
+        with transformer.cache_context(options["pass"]):
+            return transformer(
+                hidden_states=batch.inputs["hidden_states"],
+                timestep=batch.inputs["timestep"],
+                guidance=None,
+                encoder_hidden_states=batch.inputs["encoder_hidden_states"],
+                txt_ids=options["txt_ids"],
+                img_ids=options["img_ids"],
+                joint_attention_kwargs=options["attention_kwargs"],
+                return_dict=False,
+            )[0]
+
+    def take_outputs(self, components, block_state, outputs, i: int, t: torch.Tensor) -> None:
+        num_tokens = block_state.latents.shape[1]
+        # Drop the reference image tokens from each prediction.
+        noise_pred = outputs[0][:, :num_tokens]
+        if len(outputs) > 1:
+            negative = outputs[1][:, :num_tokens]
             noise_pred = negative + block_state.guidance_scale * (noise_pred - negative)
         block_state.noise_pred = noise_pred
-        return components, block_state
+
+
+def _ids_key(ids: torch.Tensor) -> tuple:
+    """Position ids as a hashable value: requests share a forward only with equal ids."""
+    first = ids[0] if ids.ndim == 3 else ids
+    return (tuple(first.shape), first.cpu().numpy().tobytes())
 
 
 class Flux2KleinSchedulerStep(ModularPipelineBlocks):

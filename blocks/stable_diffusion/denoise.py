@@ -8,7 +8,11 @@ masked image latents next to the latents; 4-channel UNets keep the unmasked regi
 the (re-noised) image latents back in after every step. The scheduler step passes `eta` and
 the generator to schedulers that take them (DDIM, ancestral, LCM), like diffusers'
 `prepare_extra_step_kwargs`. Progress, step callbacks and cancellation come from the
-framework's loop. The ControlNet variant of the denoiser lives in `controlnet.py`.
+framework's loop. The UNet call is a `blocks.stepping.StepForward`: a server can run one
+step of several requests (different step counts, guidance scales, timesteps; text-to-image,
+image-to-image and 4-channel inpainting alike) as one UNet call. The ControlNet variant of the
+denoiser lives in `controlnet.py`; it is not shared (each request's ControlNet residuals are
+scaled by its own schedule), so its requests step alone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from blocks.composites import LoopSequentialPipelineBlocks
 from blocks.specs import InputParam, OutputParam
 from blocks.stable_diffusion.before_denoise import scheduler_spec, unet_spec
 from blocks.stable_diffusion.encoders import DEFAULT_GUIDANCE_SCALE, uses_guidance
+from blocks.stepping import ForwardBatch, ForwardRows, StepForward
 
 
 def guided_embeddings(unet: Any, block_state: Any, owner: str) -> torch.Tensor:
@@ -113,7 +118,7 @@ class StableDiffusionInpaintLoopBeforeDenoiser(StableDiffusionLoopBeforeDenoiser
         return components, block_state
 
 
-class StableDiffusionLoopDenoiser(ModularPipelineBlocks):
+class StableDiffusionLoopDenoiser(StepForward):
     model_name = "stable-diffusion"
     description = "Predicts the noise with the UNet and applies classifier-free guidance."
     expected_components = [unet_spec()]
@@ -123,20 +128,42 @@ class StableDiffusionLoopDenoiser(ModularPipelineBlocks):
     ]
     intermediate_outputs = [OutputParam("noise_pred", torch.Tensor, "(B, c, h, w).")]
 
-    def __call__(self, components, block_state, i: int, t: torch.Tensor):
+    # One UNet call per step: with guidance its rows are [unconditional, conditional], as in
+    # diffusers. Requests share the call when their rows fit together (same UNet, latent and
+    # embedding shapes; no attention kwargs, which apply to the whole call).
+    def forward_rows(self, components, block_state, i: int, t: torch.Tensor):
         unet = components.unet
-        noise_pred = unet(
-            block_state.latent_model_input,
-            t,
-            encoder_hidden_states=guided_embeddings(unet, block_state, self.path),
-            timestep_cond=block_state.timestep_cond,
-            cross_attention_kwargs=block_state.cross_attention_kwargs,
+        sample = block_state.latent_model_input  # (R, c, h, w)
+        rows = sample.shape[0]
+        inputs = {
+            "sample": sample,
+            "timestep": torch.as_tensor(t, device=sample.device).reshape(1).expand(rows),
+            "encoder_hidden_states": guided_embeddings(unet, block_state, self.path),
+        }
+        if block_state.timestep_cond is not None:
+            inputs["timestep_cond"] = block_state.timestep_cond
+        kwargs = block_state.cross_attention_kwargs
+        key = (type(self), id(unet), tuple(sample.shape[1:]), sample.dtype,
+               tuple(inputs["encoder_hidden_states"].shape[1:]), "timestep_cond" in inputs,
+               None if kwargs is None else id(block_state))  # kwargs: never shared
+        return [ForwardRows(key, inputs, {"cross_attention_kwargs": kwargs})]
+
+    def forward(self, components, batch: ForwardBatch) -> torch.Tensor:
+        inputs = batch.inputs
+        return components.unet(
+            inputs["sample"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep_cond=inputs.get("timestep_cond"),
+            cross_attention_kwargs=batch.options["cross_attention_kwargs"],
             return_dict=False,
         )[0]
-        if uses_guidance(unet, block_state.guidance_scale):
+
+    def take_outputs(self, components, block_state, outputs, i: int, t: torch.Tensor) -> None:
+        noise_pred = outputs[0]
+        if uses_guidance(components.unet, block_state.guidance_scale):
             noise_pred = apply_guidance(noise_pred, block_state)
         block_state.noise_pred = noise_pred
-        return components, block_state
 
 
 def extra_step_kwargs(scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:

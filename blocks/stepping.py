@@ -1,0 +1,402 @@
+"""Stepping denoise loops from outside: one request at a time, or several sharing each step's
+model forward (continuous batching at step granularity).
+
+A plain pipeline call runs a loop to its end (`LoopSequentialPipelineBlocks.__call__`). A server
+instead *starts* the loop of each request and advances it one step at a time, so requests can
+join and leave between steps:
+
+    run = loop.start(components, state)      # a `LoopRun`: this request's loop, step 0
+    while not run.done:
+        run.step()                            # one step, alone
+    state = run.finish()                      # the loop's outputs written to `state`
+
+    errors = step_together([run_a, run_b], same_layout=True)   # one step of each, one
+                                              # shared model forward
+
+Each run keeps everything of its own: its `BlockState` (latents, timesteps, guidance scale,
+generators...) and its `components` — typically a `ComponentsView` of the pipeline with the
+request's own scheduler in front, since schedulers carry per-request state (step index,
+multistep history). Only the model forward is shared.
+
+**The forward seam.** A loop child that makes the model call declares itself a `StepForward`
+and splits its work into three parts: `forward_rows` (per request: the rows this request adds
+to the model's batch — latents, embeddings, one timestep per row — as `ForwardRows`, one per
+pass, e.g. conditional and unconditional), `forward` (one model call on the rows of several
+requests, concatenated) and `take_outputs` (per request: its slice of the output, then its own
+guidance). Its `__call__`, which a plain pipeline call runs, is those three for one request, so
+the library computes exactly what it computed before; `step_together` runs them for many.
+`run_forwards` is the one place where rows become model calls: rows with equal `key`s share a
+call, and a `ForwardPlan` may split a group into several sub-forwards. This is where later
+per-sample features attach: `ForwardRows.extras` carries per-request values into the batch
+(`ForwardBatch.extras`, `.rows`), e.g. an adapter set and scale per request applied per sample
+inside one forward, and a plan may send some requests to a full forward and others to a cached
+one. Nothing uses extras or plans yet.
+
+Bit for bit: under `blocks.batch_invariance.batch_invariant()` every sample of a forward is
+computed independently of the others, and with `same_layout=True` its rows reach the model in
+the same memory layout alone or batched, so a request's image is the same whether its steps
+were shared or not; the per-request parts run on the request's own tensors.
+
+Failures stay with their request: `step_together` returns one error (or None) per run. A
+forward that fails for a group is retried for each of its requests alone.
+
+Not handled here: choosing which runs step together and when (a scheduler's job:
+`deployments.step_scheduler`), loops that override `__call__` (they cannot be stepped:
+`steppable` says so and they run whole), and sharing a forward between different models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from blocks.block import ModularPipelineBlocks, block_path, run_block
+from blocks.state import BlockState, PipelineState
+
+if TYPE_CHECKING:
+    from blocks.composites import LoopSequentialPipelineBlocks
+
+
+# -- the forward seam ------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardRows:
+    """One request's rows of one model forward (one pass of one denoising step).
+
+    `inputs` are tensors of `rows` rows each (`(R, ...)`), concatenated with other requests'
+    along dim 0; a timestep is one of them, one per row. `options` are passed to the model as
+    they are: every request sharing the forward must have equal ones, which `key` guarantees
+    (rows with equal keys may share a forward). `extras`: per-request values a forward may
+    apply per sample (none yet; see the module docstring)."""
+
+    key: Hashable
+    inputs: dict[str, torch.Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+
+@dataclass
+class ForwardBatch:
+    """The rows of several requests as one model call: `inputs` concatenated, the first
+    request's `options`, and per request its row count and extras (in order)."""
+
+    inputs: dict[str, torch.Tensor]
+    options: dict[str, Any]
+    rows: list[int]
+    extras: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, members: Sequence[ForwardRows], same_layout: bool = False) -> ForwardBatch:
+        """`same_layout`: copy the inputs into new contiguous tensors even for one request, so
+        that a request's rows reach the model in the same memory layout alone or batched
+        (kernels may round differently for a transposed view). Otherwise a lone request's
+        tensors are passed as they are, as diffusers passes them."""
+        if len(members) == 1 and not same_layout:
+            inputs = dict(members[0].inputs)
+        else:
+            inputs = {name: torch.cat([m.inputs[name] for m in members])
+                      for name in members[0].inputs}
+        return cls(inputs, dict(members[0].options), [m.rows for m in members],
+                   [m.extras for m in members])
+
+    def split(self, output: torch.Tensor) -> list[torch.Tensor]:
+        """The model's (sum of rows, ...) output, one (R, ...) tensor per request."""
+        if len(self.rows) == 1:
+            return [output]
+        # Copies, not views: a request's later ops then see the same memory layout whether it
+        # shared the forward or not.
+        return [part.clone() for part in output.split(self.rows)]
+
+
+class StepForward(ModularPipelineBlocks):
+    """A loop child whose model forward several requests' steps can share (module docstring).
+
+    Subclasses implement `forward_rows`, `forward` and `take_outputs`; `__call__` (one
+    request) is the three in order."""
+
+    def forward_rows(self, components: Any, block_state: BlockState, i: int,
+                     t: torch.Tensor) -> list[ForwardRows]:
+        """This request's rows of step `i`, one `ForwardRows` per model pass."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_rows")
+
+    def forward(self, components: Any, batch: ForwardBatch) -> torch.Tensor:
+        """One model call on `batch`; returns the (sum of rows, ...) output."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def take_outputs(self, components: Any, block_state: BlockState,
+                     outputs: list[torch.Tensor], i: int, t: torch.Tensor) -> None:
+        """This request's outputs (one per pass, its own rows) into its `block_state`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement take_outputs")
+
+    def __call__(self, components: Any, block_state: BlockState, i: int, t: torch.Tensor):
+        passes = self.forward_rows(components, block_state, i, t)
+        outputs = [self.forward(components, ForwardBatch.of([rows])) for rows in passes]
+        self.take_outputs(components, block_state, outputs, i, t)
+        return components, block_state
+
+
+# Splits the members of one forward group (rows with equal keys, in order) into the index
+# lists of the sub-forwards to run. The default runs them all as one forward.
+ForwardPlan = Callable[[Sequence[ForwardRows]], list[list[int]]]
+
+
+def one_forward(members: Sequence[ForwardRows]) -> list[list[int]]:
+    return [list(range(len(members)))]
+
+
+def run_forwards(
+    forwarder: StepForward,
+    components: Sequence[Any],
+    requests: Sequence[Sequence[ForwardRows]],
+    plan: ForwardPlan = one_forward,
+    on_forward: Callable[[int, int, float], None] | None = None,
+    same_layout: bool = False,
+) -> list[list[torch.Tensor] | BaseException]:
+    """Run the passes of several requests (`requests[r]`: request r's rows per pass, with
+    `components[r]`) as few model calls as their keys allow; returns each request's outputs
+    per pass, or the error its forward failed with. A group whose call fails is retried one
+    request at a time, so only a request whose own forward fails gets an error.
+
+    `on_forward(requests, rows, seconds)` is told about each model call made;
+    `same_layout` is `ForwardBatch.of`'s."""
+    outputs: list[list[Any] | BaseException] = [[None] * len(passes) for passes in requests]
+    groups: dict[Hashable, list[tuple[int, int]]] = {}
+    for r, passes in enumerate(requests):
+        for p, rows in enumerate(passes):
+            groups.setdefault(rows.key, []).append((r, p))
+
+    def call(members: list[tuple[int, int]]) -> bool:
+        """One forward for `members` (request, pass); False if the model call failed."""
+        live = [(r, p) for r, p in members if not isinstance(outputs[r], BaseException)]
+        if not live:
+            return True
+        batch = ForwardBatch.of([requests[r][p] for r, p in live], same_layout)
+        start = time.perf_counter()
+        try:
+            result = forwarder.forward(components[live[0][0]], batch)
+        except Exception as error:  # isolated per request by the caller
+            if len(live) == 1:
+                outputs[live[0][0]] = error
+            return False
+        if on_forward is not None:
+            on_forward(len(live), sum(batch.rows), time.perf_counter() - start)
+        for (r, p), part in zip(live, batch.split(result), strict=True):
+            outputs[r][p] = part  # type: ignore[index]
+        return True
+
+    for members in groups.values():
+        for indices in plan([requests[r][p] for r, p in members]):
+            chosen = [members[k] for k in indices]
+            if not call(chosen) and len(chosen) > 1:
+                for member in chosen:  # the shared call failed: each request alone
+                    call([member])
+    return outputs  # type: ignore[return-value]
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def steppable(loop: Any) -> bool:
+    """Whether `loop` can be started and stepped from outside: a framework loop that keeps
+    the framework's `__call__` (a loop that overrides it runs whole)."""
+    from blocks.composites import LoopSequentialPipelineBlocks
+
+    return (isinstance(loop, LoopSequentialPipelineBlocks)
+            and type(loop).__call__ is LoopSequentialPipelineBlocks.__call__)
+
+
+class LoopRun:
+    """One request's denoise loop in progress: its loop, components, state and step index."""
+
+    def __init__(self, loop: LoopSequentialPipelineBlocks, components: Any,
+                 state: PipelineState, path: str | None = None) -> None:
+        self.loop = loop
+        self.components = components
+        self.state = state
+        self.path = path
+        with block_path(path):
+            loop._check_leaf_children()
+            self.block_state = loop.get_block_state(state)
+        self.timesteps = self.block_state.timesteps
+        self.total = len(self.timesteps)
+        self.i = 0
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.total
+
+    @property
+    def t(self) -> Any:
+        return self.timesteps[self.i]
+
+    def step(self) -> None:
+        """One step of this run alone; then the pipeline's step callback (which may stop the
+        call with `GenerationCancelled`)."""
+        i, t = self.i, self.t
+        error = step_together([self])[0]
+        if error is not None:
+            raise error
+        self.loop.step_end(self.state, self.block_state, i, t, self.total)
+
+    def finish(self) -> PipelineState:
+        """Write the loop's outputs to the run's state and return it."""
+        with block_path(self.path):
+            self.loop.set_block_state(self.state, self.block_state)
+        return self.state
+
+
+def _split_children(loop: LoopSequentialPipelineBlocks):
+    """(children before the shared forward, the `StepForward` child and its name or None,
+    children after it)."""
+    items = list(loop.sub_blocks.items())
+    for index, (name, child) in enumerate(items):
+        if isinstance(child, StepForward):
+            return items[:index], (name, child), items[index + 1:]
+    return items, None, []
+
+
+@contextlib.contextmanager
+def _using(runs: Sequence[LoopRun]) -> Iterator[None]:
+    """Each distinct loop's components marked in use (loaded, on the device) for the step."""
+    with contextlib.ExitStack() as stack:
+        seen: set[tuple[int, int]] = set()
+        for run in runs:
+            use = getattr(run.components, "use_components", None)
+            marker = (id(run.loop), id(getattr(run.components, "_pipeline", run.components)))
+            if use is not None and marker not in seen:
+                seen.add(marker)
+                stack.enter_context(use(run.loop.component_names))
+        yield
+
+
+def step_together(
+    runs: Sequence[LoopRun],
+    plan: ForwardPlan = one_forward,
+    on_forward: Callable[[int, int, float], None] | None = None,
+    same_layout: bool = False,
+) -> list[BaseException | None]:
+    """One step of every run (none of them done), their model forwards shared where their
+    rows' keys allow (module docstring); returns each run's error, or None. A run that failed
+    did not advance; the others did. No step callbacks run here (`LoopRun.step` runs them).
+
+    `on_forward(requests, rows, seconds)` is told about each model call (`run_forwards`). A
+    server that must give a request the same bits alone or batched passes `same_layout=True`
+    (see `ForwardBatch.of`) and computes under `blocks.batch_invariance.batch_invariant()`.
+    """
+    errors: list[BaseException | None] = [None] * len(runs)
+
+    def each(index: int, name: str, child: Any) -> None:
+        run = runs[index]
+        if errors[index] is not None:
+            return
+        try:
+            with block_path(run.path), block_path(name):
+                run.components, run.block_state = child(
+                    run.components, run.block_state, i=run.i, t=run.t)
+        except Exception as error:  # this run fails, the others go on
+            errors[index] = error
+
+    with _using(runs):
+        layouts = [_split_children(run.loop) for run in runs]
+        for index, (before, _, _) in enumerate(layouts):
+            for name, child in before:
+                each(index, name, child)
+        sharing = [index for index, (_, shared, _) in enumerate(layouts)
+                   if shared is not None and errors[index] is None]
+        passes: dict[int, list[ForwardRows]] = {}
+        for index in sharing:
+            run = runs[index]
+            name, child = layouts[index][1]  # type: ignore[misc]
+            try:
+                with block_path(run.path), block_path(name):
+                    passes[index] = child.forward_rows(run.components, run.block_state,
+                                                       run.i, run.t)
+            except Exception as error:
+                errors[index] = error
+        by_class: dict[type, list[int]] = {}
+        for index in passes:
+            by_class.setdefault(type(layouts[index][1][1]), []).append(index)  # type: ignore[index]
+        for members in by_class.values():
+            forwarder = layouts[members[0]][1][1]  # type: ignore[index]
+            results = run_forwards(forwarder, [runs[i].components for i in members],
+                                   [passes[i] for i in members], plan, on_forward, same_layout)
+            for index, result in zip(members, results, strict=True):
+                run = runs[index]
+                name, child = layouts[index][1]  # type: ignore[misc]
+                if isinstance(result, BaseException):
+                    errors[index] = result
+                    continue
+                try:
+                    with block_path(run.path), block_path(name):
+                        child.take_outputs(run.components, run.block_state, result, run.i,
+                                           run.t)
+                except Exception as error:
+                    errors[index] = error
+        for index, (_, _, after) in enumerate(layouts):
+            for name, child in after:
+                each(index, name, child)
+    for index, run in enumerate(runs):
+        if errors[index] is None:
+            run.i += 1
+    return errors
+
+
+# -- a whole block, paused at its loops --------------------------------------------------------
+
+
+class BlockRun:
+    """Runs a block (a tree) for one request, pausing at each steppable loop so a scheduler can
+    step it: `advance()` runs blocks up to the next loop and returns it started (a `LoopRun`),
+    or runs to the end and returns None. The blocks that run are those
+    `block.collect_execution` picks for the state's inputs, as a plain call would."""
+
+    def __init__(self, block: ModularPipelineBlocks, name: str, components: Any,
+                 state: PipelineState) -> None:
+        active = {key: True for key, value in state.values.items() if value is not None}
+        self.plan = block.collect_execution(name, active)
+        self.components = components
+        self.state = state
+        self._next = 0
+        self.loop: LoopRun | None = None
+
+    def advance(self) -> LoopRun | None:
+        if self.loop is not None:
+            self.state = self.loop.finish()
+            self.loop = None
+        while self._next < len(self.plan):
+            path, block = self.plan[self._next]
+            self._next += 1
+            if block.is_loop and steppable(block):
+                self.loop = block.start(self.components, self.state, path)  # type: ignore[attr-defined]
+                if not self.loop.done:
+                    return self.loop
+                self.state = self.loop.finish()
+                self.loop = None
+                continue
+            self.components, self.state = run_block(block, path, self.components, self.state)
+        return None
+
+
+class ComponentsView:
+    """A pipeline as one request's blocks see it: the pipeline's components and configs, with
+    `overrides` (e.g. the request's own scheduler) in front."""
+
+    def __init__(self, pipeline: Any, overrides: dict[str, Any]) -> None:
+        self._pipeline = pipeline
+        self._overrides = overrides
+
+    def __getattr__(self, name: str) -> Any:
+        overrides = self.__dict__["_overrides"]
+        if name in overrides:
+            return overrides[name]
+        return getattr(self.__dict__["_pipeline"], name)
