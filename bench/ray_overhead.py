@@ -20,6 +20,7 @@ proxy → router hop). Goal: per-hop <= 5 ms median on loopback.
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import statistics
 import sys
@@ -146,7 +147,10 @@ def main() -> None:
         denoiser = serve.get_deployment_handle("Denoiser", app_name="blockserve")
         hops = {shape: hop_ms(denoiser, shape, args.hops)
                 for shape in [(1, 4, 8, 8), (1, 4, 64, 64)]}
-        batches = denoiser.info.remote().result()["batch_sizes"]
+        metrics = httpx.get(f"{ray_url}/metrics", timeout=30).text
+        forwards = [float(m.group(1)) for m in re.finditer(
+            r'^blockserve_step_batch_size_(?:sum|count)\{model="tiny-sd"\} (\S+)$', metrics,
+            re.M)]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -162,7 +166,9 @@ def main() -> None:
         kib = torch.Size(shape).numel() * 4 / 1024
         print(f"per-hop round trip, latent {shape} ({kib:.0f} KiB): {ms:.2f} ms median "
               f"(goal <= 5 ms)")
-    print(f"Denoiser merged-call sizes (requests per UNet loop: calls): {batches}")
+    if len(forwards) == 2 and forwards[1]:
+        print(f"Denoiser: {forwards[0] / forwards[1]:.2f} requests per forward on average "
+              "(step-level batching)")
 
 
 if __name__ == "__main__":

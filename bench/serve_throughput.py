@@ -3,8 +3,9 @@
 One script, one tiny random-weight Stable Diffusion checkpoint (`write_tiny_sd`, in a temp
 folder), two servers as subprocesses on free loopback ports:
 
-- blockserve: `blockserve serve` (the batching engine; `--max-batch-size`, `--batch-window-ms`,
-  `--workers` batches at once, `--threads` torch threads each)
+- blockserve: `blockserve serve` (the engine: step-level batching by default, `--scheduling
+  request` for request-level batching with its `--batch-window-ms`; `--max-batch-size` images
+  per forward, `--workers` steps at once, `--threads` torch threads each)
 - naive: `bench/baselines/naive_server.py` (FastAPI + one diffusers StableDiffusionPipeline
   behind a lock, one request at a time), `--threads` torch threads for its one call, like one
   blockserve worker (`--naive-threads` to choose otherwise: on a 2-core machine shared with the
@@ -15,7 +16,8 @@ Both get the same requests (distinct prompts and seeds; same size, steps, guidan
 image size and concurrency level, after a warm-up, in rounds that alternate between the
 servers (so load from elsewhere on the machine hits a round, not a server; the median round
 counts). Printed per level: images/s and p50/p95 latency of both, the ratios (blockserve /
-naive: > 1 is better for throughput, < 1 for latency) and blockserve's mean batch size.
+naive: > 1 is better for throughput, < 1 for latency) and blockserve's mean batch (images
+denoised together per step).
 Before the load, one same-seed image from each shows the two compute the same thing (max
 difference in 8-bit pixel values). Goal at concurrency 16: >= 3x the naive throughput with a
 lower p95. Two sizes, because the result depends on it: at 32x32 the tiny model's per-call
@@ -23,8 +25,8 @@ overhead dominates and batching amortises it; at 64x64 its CPU convolutions domi
 batch saves less per image.
 
     python bench/serve_throughput.py [--requests 48] [--rounds 2] [--concurrency 1 4 16]
-        [--sizes 32 64] [--steps 4] [--max-batch-size N] [--batch-window-ms MS]
-        [--workers 1] [--threads 1] [--naive-threads N]
+        [--sizes 32 64] [--steps 4] [--max-batch-size N] [--scheduling step|request]
+        [--batch-window-ms MS] [--workers 1] [--threads 1] [--naive-threads N]
 """
 
 from __future__ import annotations
@@ -221,8 +223,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int,
                         help="blockserve's BLOCKSERVE_MAX_BATCH_SIZE (default: its default)")
+    parser.add_argument("--scheduling", choices=("step", "request"),
+                        help="blockserve's BLOCKSERVE_SCHEDULING (default: its default, step)")
     parser.add_argument("--batch-window-ms", type=float,
-                        help="blockserve's BLOCKSERVE_BATCH_WINDOW_MS (default: its default)")
+                        help="blockserve's BLOCKSERVE_BATCH_WINDOW_MS (request scheduling)")
     parser.add_argument("--workers", type=int, default=1,
                         help="blockserve's BLOCKSERVE_WORKERS (batches at once)")
     parser.add_argument("--threads", type=int, default=1,
@@ -256,6 +260,7 @@ def main() -> None:
                     "BLOCKSERVE_CACHE_DIR": str(folder / "cache"),
                     "BLOCKSERVE_QUEUE_SIZE": str(max(64, 2 * max(args.concurrency)))}
         for name, value in (("MAX_BATCH_SIZE", args.max_batch_size),
+                            ("SCHEDULING", args.scheduling),
                             ("BATCH_WINDOW_MS", args.batch_window_ms)):
             if value is not None:
                 ours_env[f"BLOCKSERVE_{name}"] = str(value)
@@ -276,8 +281,9 @@ def main() -> None:
         print(f"tiny SD, {args.steps} steps, guidance 7.5, {args.requests} requests x "
               f"{args.rounds} rounds per server and level; blockserve {args.workers} worker(s) "
               f"x {args.threads} torch thread(s), max batch {args.max_batch_size or 'default'}, "
-              f"window {'default' if args.batch_window_ms is None else args.batch_window_ms} "
-              f"ms; naive {naive_threads} torch thread(s)\n")
+              f"{args.scheduling or 'step'} scheduling"
+              + ("" if args.batch_window_ms is None else f", window {args.batch_window_ms} ms")
+              + f"; naive {naive_threads} torch thread(s)\n")
         for size in args.sizes:
             difference = same_seed_difference([ours, naive], size, args.steps)
             print(f"{size}x{size}: same-seed image, blockserve vs naive: max |diff| = "

@@ -1,50 +1,56 @@
 """The heavy-block deployments: `TextEncoder`, `Denoiser` and `VAE` (encode and decode).
 
-Each replica hosts, for every model it is given, only the components its blocks need, loaded
-with `ModularPipeline.from_pretrained(<checkpoint>)` — a Denoiser replica loads the UNet (or
-transformer), never the VAE. A call runs one WHOLE block (`RemoteBlock` sends it): the full
-denoising loop is one Denoiser call per request, never one remote call per step.
+Each replica hosts, for every model it is given, only the components its role's blocks need
+(`deployments.block_host.BlockHost`) — a Denoiser replica loads the UNet (or transformer),
+never the VAE — and runs the blocks the router's calls carry.
 
-The Denoiser batches with `@serve.batch`: calls that arrive together are grouped by
-`block_host.batch_key` (compatible: same model, steps, guidance, size, scheduler, ...) and
-each group runs as one block call (`BlockHost.run_many`); its histogram of merged-call sizes
-is in `info()`. Options (replicas, CPUs/GPUs, autoscaling, max_ongoing_requests,
-max_queued_requests) come from `deployments/serve_config.yaml`, not from here; the defaults
-below only keep a bare `serve.run` small.
+- `TextEncoder` and `VAE`: `run(call)` runs one whole block call (the router's engine has
+  already merged the requests that could share it); the VAE also fits a model's preview map
+  (`latent_rgb`), since the router holds no VAE.
+- `Denoiser`: `stream(call, options)` hands the denoise block to the replica's step scheduler
+  (`deployments.step_scheduler`), which steps every router's requests together, one model
+  forward per step for up to `cap` images, joining and leaving between steps; the call is a
+  Serve streaming response that yields a `StepReport` after each of its steps and the block's
+  result last. Cancelling the stream (DELETE, a timeout, a client gone) drops the request at
+  its next step. `max_ongoing_requests` must cover the requests it is to step together.
 
-Weights come from the shared pool (`deployments.weight_pool`) unless `weight_pool` says
-`enabled: false`: a replica builds its modules from the node's single object-store copy,
-offloads them after `idle_offload_s` unused or when `memory_budget_bytes` needs the room, and
-reports what it holds to the registry (`info()` shows it too). The `weight_pool` options come
-from the Serve config's `args`, like the batching ones.
+Options (replicas, CPUs/GPUs, autoscaling, max_ongoing_requests, max_queued_requests) come
+from `deployments/serve_config.yaml`, not from here; the defaults below only keep a bare
+`serve.run` small. The application's arguments (`deployments.app_config.ServeAppConfig`) give
+the weight pool's options and the request scheduling window.
 
-Not handled here: per-step progress from inside a remote denoise loop.
+Weights come from the shared pool (`deployments.weight_pool`) unless `weight_pool.enabled` is
+false: a replica builds its modules from the node's single object-store copy, offloads them
+after `idle_offload_s` unused or when `memory_budget_bytes` needs the room, and reports what it
+holds to the registry (`info()` shows it too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 from ray import serve
 
-from deployments.block_host import BlockHost, batch_key
-from deployments.remote_block import BlockCall, BlockResult
+from blocks import PipelineState
+from blocks.latent_rgb import LatentRGB
+from deployments.app_config import WeightPoolConfig
+from deployments.block_host import BlockHost
+from deployments.remote_block import BlockCall, BlockResult, ReceivedCall
+from deployments.step_scheduler import StepReport, StepScheduler, TaskOptions
 from deployments.weight_pool import PooledWeights, get_registry
-
-POOL_OPTIONS = frozenset({"enabled", "idle_offload_s", "memory_budget_bytes", "heartbeat_s"})
 
 
 class _RoleDeployment:
     role = ""
 
     def __init__(self, models: dict[str, dict[str, Any]],
-                 weight_pool: dict[str, Any] | None = None) -> None:
+                 weight_pool: WeightPoolConfig | None = None) -> None:
         torch.set_num_threads(1)  # replicas share a node's cores; one intra-op thread each
-        self.pool = _pool_client(weight_pool or {})
+        self.pool = _pool_client(weight_pool or WeightPoolConfig())
         self.host = BlockHost(self.role, models, pool=self.pool)
         self._lock = threading.Lock()
 
@@ -67,26 +73,19 @@ class _RoleDeployment:
         return info
 
     async def ping(self, payload: Any = None) -> Any:
-        """Echo: measures the cost of one hop (used by the benchmark)."""
+        """Echo: readiness probes and the hop benchmark."""
         return payload
 
 
-def _pool_client(options: dict[str, Any]) -> PooledWeights | None:
-    """The replica's `PooledWeights` from the `weight_pool` options (None: disabled)."""
-    unknown = set(options) - POOL_OPTIONS
-    if unknown:
-        raise ValueError(f"weight_pool: unknown option(s) {sorted(unknown)}; "
-                         f"valid: {sorted(POOL_OPTIONS)}")
-    if not options.get("enabled", True):
+def _pool_client(options: WeightPoolConfig) -> PooledWeights | None:
+    """The replica's `PooledWeights` (None: the pool is disabled)."""
+    if not options.enabled:
         return None
-    heartbeat_s = float(options.get("heartbeat_s", 2.0))
-    idle = options.get("idle_offload_s")
-    budget = options.get("memory_budget_bytes")
     replica = serve.get_replica_context().replica_id.unique_id
-    return PooledWeights(get_registry(heartbeat_s), replica,
-                         idle_offload_s=None if idle is None else float(idle),
-                         memory_budget_bytes=None if budget is None else int(budget),
-                         heartbeat_s=heartbeat_s)
+    return PooledWeights(get_registry(options.heartbeat_s), replica,
+                         idle_offload_s=options.idle_offload_s,
+                         memory_budget_bytes=options.memory_budget_bytes,
+                         heartbeat_s=options.heartbeat_s)
 
 
 @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.25})
@@ -98,38 +97,75 @@ class TextEncoder(_RoleDeployment):
 class VAE(_RoleDeployment):
     role = "VAE"
 
+    async def latent_rgb(self, model: str) -> LatentRGB | None:
+        """`model`'s preview map, fitted on the VAE here (the router holds none)."""
+        return await asyncio.to_thread(self._latent_rgb_locked, model)
 
-@serve.deployment(name="Denoiser", max_ongoing_requests=16,
+    def _latent_rgb_locked(self, model: str) -> LatentRGB | None:
+        with self._lock:
+            return self.host.latent_rgb(model)
+
+
+class _Stream:
+    """A streamed task's listener: what the scheduler's thread reports goes to the stream's
+    event loop; closing the stream asks the scheduler to drop the task."""
+
+    def __init__(self, received: ReceivedCall | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.received = received
+        self.closed = False
+
+    def _put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def step(self, report: StepReport) -> None:
+        self._put(report)
+
+    def finished(self, state: PipelineState) -> None:
+        assert self.received is not None
+        self._put(self.received.result(state))
+
+    def failed(self, error: BaseException) -> None:
+        self._put(error)
+
+    def stopped(self) -> bool:
+        return self.closed
+
+
+@serve.deployment(name="Denoiser", max_ongoing_requests=32,
                   ray_actor_options={"num_cpus": 0.5})
 class Denoiser(_RoleDeployment):
     role = "Denoiser"
 
-    def __init__(self, models: dict[str, dict[str, Any]], max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.02,
-                 weight_pool: dict[str, Any] | None = None) -> None:
+    def __init__(self, models: dict[str, dict[str, Any]],
+                 weight_pool: WeightPoolConfig | None = None,
+                 batch_window_s: float = 0.005) -> None:
         super().__init__(models, weight_pool)
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.scheduler = StepScheduler(workers=1, batch_window_s=batch_window_s,
+                                       name="blockserve-denoiser")
+        self.scheduler.start()
 
-    async def run(self, call: BlockCall) -> BlockResult:
-        result = await self._batched(call)
-        if isinstance(result, Exception):
-            raise result
-        return result
+    async def stream(self, call: BlockCall, options: TaskOptions
+                     ) -> AsyncIterator[StepReport | BlockResult]:
+        listener = _Stream()
+        task, listener.received = self.host.task(call, options, listener)
+        self.scheduler.submit(task)
+        try:
+            while True:
+                item = await listener.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, BlockResult):
+                    return
+        finally:
+            listener.closed = True  # cancelled or done: the scheduler drops it, if running
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, calls: list[BlockCall]) -> list[BlockResult | Exception]:
-        return await asyncio.to_thread(self._run_batch, calls)
-
-    def _run_batch(self, calls: list[BlockCall]) -> list[BlockResult | Exception]:
-        with self._lock:
-            results = self.host.run_many(calls)
-        # Histogram of merged-call sizes: how many requests each UNet loop served.
-        groups = collections.Counter(batch_key(call, i) for i, call in enumerate(calls))
-        for size in groups.values():
-            self.batch_sizes[size] += 1
-        return results
+    def _run_locked(self, call: BlockCall) -> BlockResult:
+        # A whole block call (not streamed) still computes on the scheduler's thread.
+        return self.scheduler.call_soon(lambda: self.host.run(call)).result()
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "batch_sizes": dict(self.batch_sizes)}
+        return {**super().info(), "waiting": self.scheduler.waiting,
+                "active": self.scheduler.active}

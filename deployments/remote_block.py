@@ -17,18 +17,21 @@ call whose replica died or became unreachable is sent once more — Serve routes
 replica. If that fails too, or the deployment's queue is full (`max_queued_requests`), the
 call raises `ReplicaUnavailable`, which the service answers with 503 and `Retry-After`.
 
-Not handled here: which process runs the block (the handle decides), batching (the Denoiser),
-and blocks that call the pipeline's step callback remotely: a remote denoise loop reports no
-per-step progress, and is stopped by cancelling the pending call (`remote_cancel_check`).
+The block that holds a denoise loop streams instead (`RemoteBlock.stream`): the replica's step
+scheduler runs it with every other router's requests, and each step is reported back as it is
+done (progress, previews, metrics); cancelling the stream stops it at its next step.
+
+Not handled here: which process runs the block (the handle decides), and step scheduling (the
+Denoiser's `deployments.step_scheduler`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +39,9 @@ import torch
 
 from blocks.block import ModularPipelineBlocks
 from blocks.composites import CompositeBlocks
-from blocks.errors import GenerationCancelled
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 from blocks.state import PipelineState
+from deployments.step_scheduler import TaskStopped
 
 # The heavy top-level blocks of the built-in families (SD, FLUX.2 klein), by role.
 HEAVY_ROLES: dict[str, str] = {
@@ -48,13 +51,6 @@ HEAVY_ROLES: dict[str, str] = {
     "decode": "VAE",
 }
 
-# Set by the caller's thread around a pipeline call: True once the call should stop. A remote
-# call in flight is then cancelled (its `DeploymentResponse.cancel()`).
-remote_cancel_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
-    "blockserve_remote_cancel_check", default=None
-)
-
-CANCEL_POLL_S = 0.05
 REPLICA_RETRY_AFTER_S = 5  # about what Serve needs to replace a dead replica
 
 
@@ -133,12 +129,14 @@ def _decode(value: Any, generators: list[torch.Generator]) -> Any:
 
 @dataclass
 class BlockCall:
-    """One remote block call: which model's block, its inputs and the components it brings."""
+    """One remote block call: which model, the block to run (its name in the pipeline and its
+    definition: the router's, a few kB), its inputs and the components it brings."""
 
     model: str
     block: str
     inputs: list[tuple[str, Any, str | None]]  # (name, encoded value, kwargs type)
     components: dict[str, Any] = field(default_factory=dict)  # weight-free, e.g. scheduler
+    block_def: ModularPipelineBlocks | None = None
 
     def input_values(self) -> dict[str, Any]:
         return {name: value for name, value, _ in self.inputs}
@@ -168,7 +166,37 @@ def pack_call(
         value = state.get(param.name)
         if value is not None:
             inputs.append((param.name, _encode(value, generators), param.kwargs_type))
-    return BlockCall(model, name, inputs, components), generators
+    return BlockCall(model, name, inputs, components, block), generators
+
+
+@dataclass
+class ReceivedCall:
+    """A `BlockCall` on the remote side: its inputs as a state, with generators rebuilt."""
+
+    state: PipelineState
+    sent: dict[str, Any]  # the decoded inputs, to tell what the block changed
+    generators: list[torch.Generator]
+
+    @classmethod
+    def of(cls, call: BlockCall) -> ReceivedCall:
+        generators: list[torch.Generator] = []
+        state = PipelineState()
+        sent: dict[str, Any] = {}
+        for key, value, kind in call.inputs:
+            decoded = _decode(value, generators)
+            sent[key] = decoded
+            state.set(key, decoded, kind)
+        return cls(state, sent, generators)
+
+    def result(self, state: PipelineState) -> BlockResult:
+        """What goes back: the values the block set or changed, and the generators' states."""
+        outputs = []
+        for key, value in state.values.items():
+            if key in self.sent and value is self.sent[key]:
+                continue  # unchanged input: the caller has it
+            kind = next((k for k, names in state.kwargs_mapping.items() if key in names), None)
+            outputs.append((key, _encode(value, []), kind))
+        return BlockResult(outputs, [g.get_state() for g in self.generators])
 
 
 def run_call(
@@ -177,22 +205,10 @@ def run_call(
     """Run `call` on `block` in this process (the remote side of a RemoteBlock)."""
     from blocks.block import run_block
 
-    generators: list[torch.Generator] = []
-    state = PipelineState()
-    sent: dict[str, Any] = {}
-    for key, value, kind in call.inputs:
-        decoded = _decode(value, generators)
-        sent[key] = decoded
-        state.set(key, decoded, kind)
+    received = ReceivedCall.of(call)
     with torch.inference_mode():
-        _, state = run_block(block, name, components, state)
-    outputs = []
-    for key, value in state.values.items():
-        if key in sent and value is sent[key]:
-            continue  # unchanged input: the caller has it
-        kind = next((k for k, names in state.kwargs_mapping.items() if key in names), None)
-        outputs.append((key, _encode(value, []), kind))
-    return BlockResult(outputs, [g.get_state() for g in generators])
+        _, state = run_block(block, name, components, received.state)
+    return received.result(state)
 
 
 class RemoteBlock(ModularPipelineBlocks):
@@ -254,24 +270,30 @@ class RemoteBlock(ModularPipelineBlocks):
     def __call__(self, components: Any, state: PipelineState) -> tuple[Any, PipelineState]:
         if not self._would_run(state):
             return components, state
-        weightless = {spec.name: getattr(components, spec.name, None)
-                      for spec in self.expected_components}
         call, generators = pack_call(self.model, self.name, self.block, state,
-                                     {k: v for k, v in weightless.items() if v is not None})
+                                     self._weightless(components))
         start = time.perf_counter()
         result = self._send(call)
         self.last_call_seconds = time.perf_counter() - start
-        for generator, new_state in zip(generators, result.generator_states, strict=True):
-            generator.set_state(new_state)
-        for key, value, kind in result.outputs:
-            state.set(key, value, kind)
+        apply_result(result, generators, state)
         return components, state
+
+    def stream(self, components: Any, state: PipelineState, options: Any) -> RemoteStream:
+        """Run the block on the deployment's step scheduler (`handle.stream`), hearing each
+        denoising step as it is done: see `RemoteStream`. `options` are the task's
+        (`deployments.step_scheduler.TaskOptions`)."""
+        return RemoteStream(self, components, state, options)
+
+    def _weightless(self, components: Any) -> dict[str, Any]:
+        found = {spec.name: getattr(components, spec.name, None)
+                 for spec in self.expected_components}
+        return {name: value for name, value in found.items() if value is not None}
 
     def _send(self, call: BlockCall) -> BlockResult:
         retry, overloaded = _replica_failures()
         for attempt in (1, 2):
             try:
-                return wait_cancellable(self.handle.run.remote(call))
+                return self.handle.run.remote(call).result()
             except overloaded as error:
                 wait = getattr(error, "retry_after_s", None)
                 raise ReplicaUnavailable(self.deployment, f"queue full ({error})",
@@ -284,20 +306,78 @@ class RemoteBlock(ModularPipelineBlocks):
         raise AssertionError("unreachable")
 
 
-def wait_cancellable(response: Any) -> Any:
-    """`response.result()`, but cancel it (and raise `GenerationCancelled`) as soon as the
-    caller's `remote_cancel_check` says so."""
-    check = remote_cancel_check.get()
-    if check is None:
-        return response.result()
-    while True:
-        if check():
+def apply_result(result: BlockResult, generators: list[torch.Generator],
+                 state: PipelineState) -> None:
+    """A remote call's outputs into the caller's `state`, and its generators advanced as the
+    remote draws advanced them."""
+    for generator, new_state in zip(generators, result.generator_states, strict=True):
+        generator.set_state(new_state)
+    for key, value, kind in result.outputs:
+        state.set(key, value, kind)
+
+
+class RemoteStream:
+    """One streamed run of a `RemoteBlock` on its deployment's step scheduler.
+
+    Iterating yields the replica's `StepReport`s as the steps are done, then, last, the
+    caller's state with the block's outputs set. `cancel()` (from any thread) cancels the call:
+    the replica drops the task at its next step and the iteration raises `TaskStopped`. A
+    replica that dies is sent the call once more (its steps are reported again from the first);
+    a second failure, or a full queue, raises `ReplicaUnavailable`.
+    """
+
+    def __init__(self, remote: RemoteBlock, components: Any, state: PipelineState,
+                 options: Any) -> None:
+        self.remote = remote
+        self.state = state
+        self.options = options
+        self.call, self.generators = pack_call(remote.model, remote.name, remote.block, state,
+                                               remote._weightless(components))
+        self._lock = threading.Lock()
+        self._response: Any = None
+        self._cancelled = False
+        self.steps = 0
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            response = self._response
+        if response is not None:
             response.cancel()
-            raise GenerationCancelled(0, 0)
-        try:
-            return response.result(timeout_s=CANCEL_POLL_S)
-        except TimeoutError:
-            continue
+
+    def __iter__(self) -> Iterator[Any]:
+        retry, overloaded = _replica_failures()
+        deployment = self.remote.deployment
+        for attempt in (1, 2):
+            with self._lock:
+                if self._cancelled:
+                    raise TaskStopped(self.steps)
+                self._response = self.remote.handle.options(stream=True).stream.remote(
+                    self.call, self.options)
+            try:
+                for item in self._response:
+                    if isinstance(item, BlockResult):
+                        apply_result(item, self.generators, self.state)
+                        yield self.state
+                        return
+                    self.steps = getattr(item, "step", self.steps)
+                    yield item
+                raise RuntimeError(f"deployment {deployment}: the stream ended without a result")
+            except overloaded as error:
+                wait = getattr(error, "retry_after_s", None)
+                raise ReplicaUnavailable(deployment, f"queue full ({error})",
+                                         max(1, math.ceil(wait or 1))) from error
+            except retry as error:
+                if self._cancelled:
+                    raise TaskStopped(self.steps) from error
+                if attempt == 2:
+                    raise ReplicaUnavailable(
+                        deployment, f"replica failed twice ({type(error).__name__})"
+                    ) from error
+            except Exception as error:
+                if self._cancelled:
+                    raise TaskStopped(self.steps) from error
+                raise
 
 
 def remote_pipeline_blocks(

@@ -1,10 +1,12 @@
-"""`create_app(settings)`: the FastAPI app of the image-generation API, embedded mode.
+"""`create_app(settings)`: the FastAPI app of the image-generation API, in either mode.
 
 It wires one process's pieces together: the models file → a `ModelRegistry` (one shared
 `ComponentsManager`, models loaded on a background thread at startup so `/readyz` can say 503
-until they are), a `BatchingEngine` running jobs (with the test-only fault hooks when
-`test_hooks` is set, never otherwise), per-app Prometheus metrics, the url-image store, the
-`/v1/jobs` store, the input-image decode gate, the routes, error handlers and the request
+until they are), the `Engine` running jobs on the placement's runner (embedded by default:
+everything in this process; Ray mode passes `service.ray_placement.RayPlacement`), with the
+test-only fault hooks when `test_hooks` is set, never otherwise, per-app Prometheus metrics,
+the url-image store, the `/v1/jobs` store, the input-image decode gate, the exact-repeat
+result cache, the routes, error handlers and the request
 middleware. Nothing is global: two apps in one process are independent (tests rely on it).
 """
 
@@ -20,7 +22,7 @@ from fastapi import FastAPI
 from blocks import ComponentsManager
 from service import __version__
 from service.context import ServiceContext
-from service.engine import BatchingEngine, Engine
+from service.engine import Engine
 from service.errors import install_error_handlers
 from service.file_store import FileStore
 from service.image_io import DecodeGate
@@ -29,7 +31,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import ServiceMiddleware
 from service.models_file import ModelsFile, load_models_file
 from service.openapi import build_openapi
-from service.placement import Placement
+from service.placement import EmbeddedPlacement, Placement
 from service.registry import READY, ModelRegistry
 from service.result_cache import ResultCache
 from service.routes import health as health_routes
@@ -55,19 +57,16 @@ def create_app(
 ) -> FastAPI:
     """The app for `settings` (default: from the environment) serving `models` (default: the
     settings' models file). Models start loading, and the engine starts, with the app.
-    `placement` (Ray mode, `service.ray_placement`) runs heavy blocks elsewhere and brings
-    its own engine."""
+    `placement` (default: embedded) says where blocks run."""
     settings = settings if settings is not None else Settings.from_env()
     models = models if models is not None else load_models_file(settings.models_file)
+    placement = placement if placement is not None else EmbeddedPlacement()
     manager = ComponentsManager()
     metrics = ServiceMetrics(manager)
-    registry = ModelRegistry(models, manager, block_observer=metrics.observe_block,
-                             on_components_loaded=metrics.components_loaded,
-                             blocks_transform=placement.transform_blocks if placement else None,
+    registry = ModelRegistry(models, manager, on_components_loaded=metrics.components_loaded,
+                             blocks_transform=placement.transform_blocks,
                              lora_observer=metrics.lora_event)
-    if engine is None and placement is not None:
-        engine = placement.make_engine(registry, settings, metrics)
-    for collector in placement.metric_collectors() if placement is not None else []:
+    for collector in placement.metric_collectors():
         metrics.registry.register(collector)
     if engine is None:
         step_hook = None
@@ -75,17 +74,17 @@ def create_app(
             from service.fault_injection import fault_injection_hook
 
             step_hook = fault_injection_hook
-        engine = BatchingEngine(
-            registry, queue_size=settings.queue_size, max_batch_size=settings.max_batch_size,
-            batch_window_s=settings.batch_window_ms / 1000, observer=metrics,
-            step_hook=step_hook, workers=settings.workers,
+        engine = Engine(
+            registry, placement.make_runner(settings), queue_size=settings.queue_size,
+            max_batch_size=settings.max_batch_size, scheduling=settings.scheduling,
+            observer=metrics, step_hook=step_hook,
         )
     context = ServiceContext(
         settings=settings, registry=registry, engine=engine, metrics=metrics,
         files=FileStore(settings.file_ttl_seconds, settings.file_store_bytes),
         jobs=JobStore(settings.job_ttl_seconds, settings.max_finished_jobs,
                       settings.job_store_bytes),
-        created=int(time.time()),
+        created=int(time.time()), placement=placement,
         decodes=DecodeGate(settings.max_decodes, settings.max_decode_bytes),
         results=ResultCache(settings.result_cache_bytes, on_lookup=metrics.result_cache_lookup),
     )

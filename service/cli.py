@@ -337,7 +337,7 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     from pydantic import ValidationError
     from tqdm.auto import tqdm
 
-    from service.batch import run_job
+    from service.engine import run_job
     from service.errors import APIError, validation_error
     from service.image_io import decode_image, encode_image
     from service.registry import ModelRegistry
@@ -383,7 +383,7 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.exit(2, f"blockserve generate: error: {error.message}\n")
     with tqdm(total=job.steps, desc=f"{name} {workflow}", unit="step") as bar:
         job.listener = _ProgressBar(bar)
-        result = run_job(model, job)
+        result = run_job(registry, job)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(encode_image(result.images[0], output_format))
     print(f"wrote {args.output} ({job.width}x{job.height}, model {name}, seed {job.seed}, "

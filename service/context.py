@@ -1,5 +1,5 @@
-"""What the routes of one app share: settings, models, engine, metrics, files, jobs and the
-exact-repeat result cache.
+"""What the routes of one app share: settings, models, engine, placement, metrics, files,
+jobs and the exact-repeat result cache.
 
 Stored on `app.state.service` by `create_app`; routes get it with `Depends(service_context)`.
 """
@@ -16,6 +16,7 @@ from service.file_store import FileStore
 from service.image_io import DecodeGate
 from service.job_store import JobStore
 from service.metrics import ServiceMetrics
+from service.placement import Placement
 from service.registry import ModelRegistry
 from service.result_cache import ResultCache
 from service.settings import Settings
@@ -30,6 +31,7 @@ class ServiceContext:
     files: FileStore
     jobs: JobStore
     created: int  # when the app was made: the `created` of every model card
+    placement: Placement  # where blocks run
     decodes: DecodeGate | None = None  # bounds input-image decoding (None: unbounded)
     # exact repeats (off when its bound is 0)
     results: ResultCache = field(default_factory=lambda: ResultCache(0))

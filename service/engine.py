@@ -1,55 +1,77 @@
-"""Engines run generation jobs; routes only `submit`, `cancel`, and await the future.
+"""The engine: one code path that runs generation jobs in embedded and in Ray mode.
 
-`Engine` is the interface the HTTP layer depends on (the Ray placement implements it too).
-`BatchingEngine` is the embedded one: a bounded FIFO queue and worker threads (one by
-default) that each run batches of compatible jobs, each batch one pipeline call
-(`service.batch`) on the worker's own pipeline objects (the weights are shared).
+Routes only `submit`, `cancel` and await the future. A job goes through
 
-- Back-pressure: `submit` never blocks. A full queue raises `QueueFull` (429 with
-  Retry-After, estimated from recent batch times); a stopped engine `EngineStopped` (503).
-- Batching: the worker takes the oldest job, then every queued job with the same
-  `batch_key` (model, workflow, size, steps, guidance, scheduler, strength, negative prompt
-  given or not) in arrival order, up to the model's `max_batch_size` images. When that is not
-  enough and the oldest job arrived less than `batch_window_s` ago, it waits for more until
-  then: an idle server adds at most the window to a request's latency, a busy one nothing
-  (jobs queue up behind the running batch anyway). Incompatible jobs wait their turn; the
-  oldest job always runs next, so nothing starves. A job asking for more images than the cap
-  runs alone. Edits (an input image) always run alone.
-- Failure isolation: jobs are validated before they are queued; if a batched call still
-  fails, each member is retried alone, so only the job that caused it fails.
-- Stopping: `cancel(job)` drops a queued job at once (its slot is free immediately) and stops
-  a running one at its next denoising step without stopping its batch-mates; a job past its
-  deadline (`timeout_seconds` after submission, queue time included) is stopped the same way.
+1. the **queue**: bounded, first come first served. `submit` never blocks: a full queue raises
+   `QueueFull` (429 with Retry-After, estimated from recent job times), a stopped engine
+   `EngineStopped` (503). Each job knows its position (`position`).
+2. **admission**: a job leaves the queue as soon as its pool (its model at its size) has room:
+   fewer than the runner's capacity in images running (the model's `max_batch_size` per
+   forward, times the workers). No batching window: a lone job starts at once. Its listener
+   hears `started`.
+3. the **stages**, on the placement's runner (`service.placement`): the top-level blocks before
+   the denoise block (text encoding...) for every job admitted together, merged into one call
+   where their inputs allow (`service.merged_calls`); then the denoise block, on the step
+   scheduler wherever the denoiser runs (in-process, or a `Denoiser` replica that streams the
+   steps back), where the job's steps share model forwards with every other running job of its
+   pool, joining and leaving between steps; then the blocks after it (decoding...) for every
+   job whose loop finished at the same time, merged too.
 
-- Workers: one model call at a time is what one accelerator does well, so the default is one
-  worker. On a CPU a small model can't keep every core busy with intra-op threads; there,
-  `workers` > 1 runs that many batches at once, each on cores / workers torch threads (set
-  when the engine starts). Workers take batches from the one queue, oldest first.
+Per step the job's listener hears `progress` (with latent previews when asked). Every job
+keeps its own scheduler object, generators and state, and the models compute under
+batch-invariant CPU kernels, so a job's images are the same bytes alone or sharing steps.
 
-Not handled here: validation, HTTP, priorities (the Ray placement scales out instead of up).
+- Stopping: `cancel(job)` drops a queued job at once (its slot is free immediately) and stops a
+  running one at its next denoising step without touching the jobs it shares steps with; a job
+  past its deadline (`timeout_seconds` after submission, queue time included) is stopped the
+  same way. A job stopped after its last step (while decoding) keeps its images.
+- Failures: a stage that fails for a merged call is retried per job, a failing step fails its
+  job only; either way no job fails because of another.
+- LoRA adapters and step caching: a job with `loras` or `step_cache` runs its whole pipeline
+  in one call of its own, under its adapters and cache (the step scheduler does not carry
+  per-request adapters or skip decisions yet), still reporting every step and stopping at the
+  next one when asked.
+- `scheduling="request"` (per model in the models file, or `BLOCKSERVE_SCHEDULING`) keeps
+  request-level batching for comparison: jobs with equal `batch_key`s run as one batch from
+  first step to last, and nobody joins it mid-loop (see `deployments.step_scheduler`).
+
+Not handled here: validation, HTTP, priorities, and where blocks run (the placement).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from service.batch import StepHook, run_batch
+from blocks import GenerationCancelled, ModularPipelineBlocks, PipelineState
+from blocks.batch_invariance import batch_invariant
+from blocks.block import run_block
+from blocks.composites import CompositeBlocks
+from blocks.lora import adapters_for_call
+from blocks.step_cache import cacheable_component, step_caching
+from blocks.stepping import ComponentsView
+from deployments.step_scheduler import POLICIES, Policy, StepReport, TaskOptions, TaskStopped
 from service.jobs import CANCELLED, GenerationJob, GenerationResult
+from service.merged_calls import Member, run_merged
+from service.placement import DenoiseRequest, Runner
 from service.registry import LoadedModel, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING = "queued", "running"  # where a job was when it stopped (a metric label)
+DEFAULT_MAX_BATCH_SIZE = 8
+
+# (the jobs, the 0-based step just finished); may raise to fail those jobs (test hooks).
+StepHook = Callable[[Sequence[GenerationJob], int], None]
 
 
 class EngineBusy(RuntimeError):
@@ -69,51 +91,50 @@ class EngineStopped(EngineBusy):
 
 
 class EngineObserver(Protocol):
-    """What an engine reports (the app's metrics implement it)."""
+    """What the engine reports (the app's metrics implement it)."""
 
     def job_started(self, model: str, queue_seconds: float) -> None: ...
-
-    def batch_started(self, model: str, images: int) -> None: ...
 
     def job_stopped(self, model: str, reason: str, stage: str) -> None:
         """A job was cancelled or timed out (`reason`) while `stage` (queued or running)."""
 
+    def denoise_step(self, model: str, report: StepReport) -> None:
+        """A job finished a denoising step (`report.forwards`, `.images` and `.seconds` are
+        set for one job per step of the scheduler: see `StepReport`)."""
 
-class Engine(Protocol):
-    """What the routes need from an engine."""
-
-    def start(self) -> None:
-        """Start worker(s); idempotent."""
-
-    def stop(self) -> None:
-        """Finish the running batch, fail queued jobs with `EngineStopped`, stop worker(s)."""
-
-    def submit(self, job: GenerationJob) -> Future[GenerationResult]:
-        """Queue `job`; the future resolves to its result or the error it ended with
-        (`GenerationCancelled`, `GenerationTimedOut`, or what the pipeline raised).
-        Raises `EngineBusy` (`QueueFull`, `EngineStopped`) when it can't be queued."""
-
-    def cancel(self, job: GenerationJob, reason: str = CANCELLED) -> bool:
-        """Stop `job`: dropped now if queued, at its next step if running. True if this
-        call stopped it (False: it had already stopped or finished)."""
-
-    @property
-    def queued(self) -> int:
-        """Jobs waiting to run."""
-
-    @property
-    def running(self) -> int:
-        """Jobs in the batch running now."""
+    def block_finished(self, model: str, block: str, seconds: float) -> None: ...
 
 
-def _share_cores(workers: int) -> None:
-    """Give each of `workers` concurrent model calls its share of the cores: more intra-op
-    threads than cores in all makes OpenMP threads wait on each other (many times slower)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = min(torch.get_num_threads(), max(1, (cores or 1) // workers))
-    if threads != torch.get_num_threads():
-        logger.info("engine: %d workers, %d torch threads each", workers, threads)
-        torch.set_num_threads(threads)
+@dataclass(frozen=True)
+class Stages:
+    """A model's top-level blocks: those before the denoise block, the block that holds the
+    denoise loop (None: the model has none) and those after it."""
+
+    before: tuple[tuple[str, ModularPipelineBlocks], ...]
+    denoise: tuple[str, ModularPipelineBlocks] | None
+    after: tuple[tuple[str, ModularPipelineBlocks], ...]
+
+    @classmethod
+    def of(cls, blocks: ModularPipelineBlocks) -> Stages:
+        if not isinstance(blocks, CompositeBlocks) or blocks.is_loop:
+            return cls((), ("", blocks), ()) if _holds_loop(blocks) else cls((("", blocks),),
+                                                                               None, ())
+        children = list(blocks.sub_blocks.items())
+        for index, (_, child) in enumerate(children):
+            if _holds_loop(child):
+                return cls(tuple(children[:index]), children[index],
+                           tuple(children[index + 1:]))
+        return cls(tuple(children), None, ())
+
+
+def _holds_loop(block: Any) -> bool:
+    inner = getattr(block, "block", None)  # a RemoteBlock stands in for the block it runs
+    if isinstance(inner, ModularPipelineBlocks):
+        return _holds_loop(inner)
+    if block.is_loop:
+        return True
+    return isinstance(block, CompositeBlocks) and any(
+        _holds_loop(child) for child in block.sub_blocks.values())
 
 
 @dataclass(eq=False)
@@ -121,6 +142,15 @@ class _Entry:
     job: GenerationJob
     future: Future[GenerationResult] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    pool: Hashable = None
+    model: LoadedModel | None = None
+    member: Member | None = None
+    admitted: float = 0.0
+    step: int = 0  # denoising steps done
+    shared: int = 1  # the most requests it shared a step with
+    stop_now: Callable[[], None] | None = None  # stops its denoise block at once (Ray)
+    denoise_started: float = 0.0
+    done: bool = False
 
 
 def _resolve(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -133,36 +163,39 @@ def _resolve(future: Future[Any], result: Any = None, error: BaseException | Non
         pass
 
 
-class BatchingEngine:
-    """Batches of compatible jobs, one pipeline call each, on `workers` threads."""
+class Engine:
+    """Queue, admission and stages of generation jobs (see the module docstring)."""
 
     def __init__(
         self,
         registry: ModelRegistry,
+        runner: Runner,
         queue_size: int = 64,
-        max_batch_size: int = 8,
-        batch_window_s: float = 0.005,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        scheduling: Policy = "step",
         observer: EngineObserver | None = None,
         step_hook: StepHook | None = None,
-        workers: int = 1,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+        if scheduling not in POLICIES:
+            raise ValueError(f"scheduling must be one of {', '.join(POLICIES)}, "
+                             f"got {scheduling!r}")
         self._registry = registry
+        self._runner = runner
         self.queue_size = queue_size
         self.max_batch_size = max_batch_size
-        self.batch_window_s = batch_window_s
-        self.workers = workers
+        self.scheduling = scheduling
         self._observer = observer
         self._step_hook = step_hook
         self._cond = threading.Condition()
         self._pending: list[_Entry] = []  # arrival order
-        self._running: dict[int, list[_Entry]] = {}  # worker -> its batch
+        self._running: list[_Entry] = []
+        self._finishing: list[tuple[_Entry, PipelineState]] = []  # loops done, to decode
+        self._finish_scheduled = False
         self._stopping = False
-        self._threads: list[threading.Thread] = []
-        self._batch_seconds = 1.0  # moving average, for Retry-After
+        self._thread: threading.Thread | None = None
+        self._job_seconds = 1.0  # moving average of admission to result, for Retry-After
 
-    # -- the interface -------------------------------------------------------------------
+    # -- the interface the routes use ------------------------------------------------------
 
     @property
     def queued(self) -> int:
@@ -172,36 +205,39 @@ class BatchingEngine:
     @property
     def running(self) -> int:
         with self._cond:
-            return sum(len(batch) for batch in self._running.values())
+            return len(self._running)
 
     def start(self) -> None:
-        if self.workers > 1:
-            _share_cores(self.workers)
         with self._cond:
             self._stopping = False
-            self._threads = [thread for thread in self._threads if thread.is_alive()]
-            if not self._threads:
-                self._threads = [
-                    threading.Thread(target=self._work, args=(worker,), daemon=True,
-                                     name=f"blockserve-engine-{worker}")
-                    for worker in range(self.workers)
-                ]
-                for thread in self._threads:
-                    thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                self._runner.start()
+                self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                                name="blockserve-engine")
+                self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
+        """Fail queued jobs with `EngineStopped`, stop the runner (which fails the running
+        ones), stop admitting."""
         with self._cond:
             self._stopping = True
             dropped, self._pending = self._pending, []
-            threads, self._threads = self._threads, []
+            thread, self._thread = self._thread, None
             self._cond.notify_all()
         for entry in dropped:
             _resolve(entry.future, error=EngineStopped("the server is shutting down"))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if thread is not None:
+            thread.join(timeout)
+        self._runner.stop()
+        with self._cond:
+            running, self._running = self._running, []
+        for entry in running:
+            _resolve(entry.future, error=EngineStopped("the server is shutting down"))
 
     def submit(self, job: GenerationJob) -> Future[GenerationResult]:
+        """Queue `job`; the future resolves to its result or the error it ended with
+        (`GenerationCancelled`, `GenerationTimedOut`, or what its blocks raised).
+        Raises `EngineBusy` (`QueueFull`, `EngineStopped`) when it can't be queued."""
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
@@ -216,14 +252,19 @@ class BatchingEngine:
         return entry.future
 
     def cancel(self, job: GenerationJob, reason: str = CANCELLED) -> bool:
+        """Stop `job`: dropped now if queued, at its next step if running. True if this call
+        stopped it (False: it had already stopped or finished)."""
         stopped = job.cancel(reason)
         with self._cond:
-            entry = next((e for e in self._pending if e.job is job), None)
-            if entry is not None:
-                self._pending.remove(entry)
+            queued = next((e for e in self._pending if e.job is job), None)
+            if queued is not None:
+                self._pending.remove(queued)
                 self._cond.notify_all()
-        if entry is not None:
-            self._stopped(entry, job.stop_error(), QUEUED)
+            running = next((e for e in self._running if e.job is job), None)
+        if queued is not None:
+            self._stopped(queued, job.stop_error(), QUEUED)
+        if running is not None and running.stop_now is not None:
+            running.stop_now()
         return stopped
 
     def position(self, job: GenerationJob) -> int | None:
@@ -234,68 +275,44 @@ class BatchingEngine:
                     return index
         return None
 
-    # -- the worker ----------------------------------------------------------------------
+    # -- admission -------------------------------------------------------------------------
 
     def _retry_after(self) -> int:
-        batches_ahead = (len(self._pending) / self.max_batch_size + 1) / self.workers
-        return max(1, min(60, math.ceil(self._batch_seconds * batches_ahead)))
+        ahead = len(self._pending) / max(1, self._runner.capacity(self.max_batch_size)) + 1
+        return max(1, min(60, math.ceil(self._job_seconds * ahead)))
 
-    def _cap(self, job: GenerationJob) -> int:
+    def _cap(self, model: str) -> int:
         try:
-            configured = self._registry.config(job.model).max_batch_size
+            configured = self._registry.config(model).max_batch_size
         except KeyError:
             configured = None
         return configured or self.max_batch_size
 
-    def _work(self, worker: int) -> None:
-        while True:
-            stopped, batch = self._next_batch(worker)
-            for entry in stopped:
-                self._stopped(entry, entry.job.stop_error(), QUEUED)
-            if batch is None:
-                return
-            if not batch:
-                continue
-            try:
-                self._run(batch, worker)
-            except Exception:  # a bug here must not kill the worker: fail the batch
-                logger.exception("engine: running a batch failed unexpectedly")
-                for entry in batch:
-                    _resolve(entry.future, error=RuntimeError("internal engine error"))
-            finally:
-                with self._cond:
-                    self._running.pop(worker, None)
+    def _policy(self, model: str) -> Policy:
+        try:
+            configured = self._registry.config(model).scheduling
+        except KeyError:
+            configured = None
+        return configured or self.scheduling
 
-    def _next_batch(self, worker: int) -> tuple[list[_Entry], list[_Entry] | None]:
-        """(queued jobs found stopped, to resolve; the next batch, taken off the queue, or
-        [] to look again, or None once stopping)."""
-        with self._cond:
-            while True:
-                expired = self._take_expired()
-                if expired:
-                    return expired, []
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
                 if self._stopping:
-                    return [], None
-                if not self._pending:
-                    self._cond.wait()
-                    continue
-                head = self._pending[0]
-                cap = self._cap(head.job)
-                batch, images = [], 0
-                for entry in self._pending:
-                    if entry is head or (entry.job.batch_key == head.job.batch_key
-                                         and images + entry.job.n <= cap):
-                        batch.append(entry)
-                        images += entry.job.n
-                        if images >= cap:
-                            break
-                wait = head.enqueued + self.batch_window_s - time.monotonic()
-                if images >= cap or wait <= 0:
-                    for entry in batch:
-                        self._pending.remove(entry)
-                    self._running[worker] = batch
-                    return [], batch
-                self._cond.wait(wait)  # for batch-mates; then look again
+                    return
+                expired = self._take_expired()
+                admitted = self._admit()
+                if not admitted and not expired:
+                    # Deadlines of running jobs are checked at least this often.
+                    self._cond.wait(0.05)
+                running = list(self._running)
+            for entry in expired:
+                self._stopped(entry, entry.job.stop_error(), QUEUED)
+            for entry in running:  # a running job past its deadline stops now, not later
+                if entry.job.check_deadline() and entry.stop_now is not None:
+                    entry.stop_now()
+            if admitted:
+                self._start(admitted)
 
     def _take_expired(self) -> list[_Entry]:
         """Queued jobs stopped without the engine's knowledge, or past their deadline."""
@@ -305,74 +322,301 @@ class BatchingEngine:
             self._pending.remove(entry)
         return expired
 
-    def _sweep_queue(self) -> None:
-        with self._cond:
-            expired = self._take_expired()
-        for entry in expired:
-            self._stopped(entry, entry.job.stop_error(), QUEUED)
+    def _admit(self) -> list[_Entry]:
+        """Queued jobs whose pool has room, oldest first (under the lock)."""
+        images: dict[Hashable, int] = {}
+        for entry in self._running:
+            images[entry.pool] = images.get(entry.pool, 0) + entry.job.n
+        admitted, full = [], set()
+        for entry in self._pending:
+            job = entry.job
+            pool = (job.model, job.width, job.height)
+            if pool in full:
+                continue
+            used = images.get(pool, 0)
+            if used and used + job.n > self._runner.capacity(self._cap(job.model)):
+                full.add(pool)  # first come, first served within a pool
+                continue
+            entry.pool = pool
+            images[pool] = used + job.n
+            admitted.append(entry)
+        for entry in admitted:
+            self._pending.remove(entry)
+            self._running.append(entry)
+        return admitted
 
-    def _on_step(self, jobs: Sequence[GenerationJob], step: int) -> None:
-        # Runs inside the pipeline call, between steps: also time out queued jobs, so a
-        # long batch doesn't hold their deadlines back.
-        self._sweep_queue()
-        if self._step_hook is not None:
-            self._step_hook(jobs, step)
+    def _start(self, entries: list[_Entry]) -> None:
+        now = time.monotonic()
+        by_model: dict[str, list[_Entry]] = {}
+        for entry in entries:
+            entry.admitted = now
+            job = entry.job
+            if self._observer is not None:
+                self._observer.job_started(job.model, now - entry.enqueued)
+            if job.listener is not None:
+                job.listener.started()
+            by_model.setdefault(job.model, []).append(entry)
+        for model, group in by_model.items():
+            try:
+                loaded = self._registry.get(model)
+            except Exception as error:  # e.g. not ready: every job of this model fails alike
+                for entry in group:
+                    self._fail(entry, error)
+                continue
+            for entry in group:
+                entry.model = loaded
+            self._runner.run(lambda group=group: self._run_stage(group, before=True))
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _run_stage(self, entries: list[_Entry], before: bool) -> None:
+        """The top-level blocks before (or after) the denoise block, for `entries` (one
+        model), merged; then each job's denoise block (or its result)."""
+        try:
+            live = [e for e in entries if not (before and self._stopped_before_start(e))]
+            if not live:
+                return
+            model = live[0].model
+            assert model is not None
+            stages = Stages.of(model.blocks)
+            if before:
+                pipe = model.pipeline(self._runner.worker())
+                for entry in list(live):
+                    try:
+                        entry.member = self._member(model, pipe, entry.job)
+                    except Exception as error:  # this job's inputs
+                        live.remove(entry)
+                        self._fail(entry, error)
+                for entry in [e for e in live if _own_call(e.job)]:
+                    live.remove(entry)
+                    self._runner.run(lambda entry=entry: self._run_own_call(entry))
+            blocks = stages.before if before else stages.after
+            for name, block in blocks:
+                live = self._run_merged(model, name, block, live)
+            for entry in live:
+                if not before or stages.denoise is None:
+                    self._succeed(entry)
+                else:
+                    self._denoise(entry, *stages.denoise)
+        except Exception as error:  # a bug here must not leave jobs hanging
+            logger.exception("engine: a stage failed unexpectedly")
+            for entry in entries:
+                self._fail(entry, error)
+
+    @staticmethod
+    def _member(model: LoadedModel, pipe: Any, job: GenerationJob) -> Member:
+        """The job's state and components: the worker's pipeline with the job's own scheduler
+        in front (schedulers keep per-request state)."""
+        scheduler = model.new_scheduler(job.scheduler)
+        components = ComponentsView(pipe, {} if scheduler is None else {"scheduler": scheduler})
+        return Member(components, pipe.input_state(**job.pipeline_inputs(model.accepts)), job.n)
+
+    def _stopped_before_start(self, entry: _Entry) -> bool:
+        if entry.job.check_deadline():
+            self._stopped(entry, entry.job.stop_error(), RUNNING)
+            return True
+        return False
+
+    def _run_merged(self, model: LoadedModel, name: str, block: ModularPipelineBlocks,
+                    entries: list[_Entry]) -> list[_Entry]:
+        members = [entry.member for entry in entries]
+        observe = None
+        if self._observer is not None:
+            observer = self._observer
+            observe = lambda seconds: observer.block_finished(model.name, name, seconds)  # noqa: E731
+        with torch.inference_mode(), batch_invariant(model.device):
+            errors = run_merged(block, name, members, observe)  # type: ignore[arg-type]
+        live = []
+        for entry, error in zip(entries, errors, strict=True):
+            if error is None:
+                live.append(entry)
+            else:
+                self._fail(entry, error)
+        return live
+
+    def _denoise(self, entry: _Entry, name: str, block: ModularPipelineBlocks) -> None:
+        model, job, member = entry.model, entry.job, entry.member
+        assert model is not None and member is not None
+        entry.denoise_started = time.monotonic()
+        options = TaskOptions(
+            pool=entry.pool, images=job.n, cap=self._cap(job.model),
+            policy=self._policy(job.model), lockstep=job.batch_key,
+            want_latents=job.wants_preview is not None)
+        request = DenoiseRequest(
+            model=model.name, block=block, name=name, components=member.components,
+            state=member.state, listener=_Progress(self, entry), options=options,
+            device=model.device)
+        try:
+            entry.stop_now = self._runner.denoise(request)
+        except Exception as error:
+            self._fail(entry, error)
+
+    def _run_own_call(self, entry: _Entry) -> None:
+        """A job with LoRA adapters or step caching: its whole pipeline in one call of its
+        own, under its adapters and its cache (the step scheduler does not carry per-request
+        adapters or skip decisions yet). Its steps are still reported, and a stop request ends
+        it at its next step."""
+        model, job, member = entry.model, entry.job, entry.member
+        assert model is not None and member is not None
+        progress = _Progress(self, entry)
+
+        def on_step(step: int, timestep: Any, block_state: Any) -> bool:
+            if progress.stopped():
+                return True
+            latents = block_state.get("denoised")
+            latents = block_state.get("latents") if latents is None else latents
+            timesteps = block_state.get("timesteps")
+            progress.step(StepReport(step + 1, job.steps if timesteps is None else len(timesteps),
+                                     latents if job.wants_preview is not None else None))
+            return False
+
+        state = member.state.copy()
+        state.step_callback = on_step
+        loras = dict(job.loras)
+        try:
+            caching = contextlib.nullcontext() if job.step_cache is None else step_caching(
+                cacheable_component(member.components.components), job.step_cache,
+                job.steps if job.strength is None else None)  # img2img runs fewer steps
+            with model.using_loras(list(loras)), adapters_for_call(loras), \
+                    torch.inference_mode(), batch_invariant(model.device), caching:
+                _, state = run_block(model.blocks, None, member.components, state)
+        except GenerationCancelled:
+            self._stopped(entry, job.stop_error(entry.step), RUNNING)
+            return
+        except Exception as error:  # this job's inputs, adapters or model: it fails alone
+            self._fail(entry, error)
+            return
+        state.step_callback = None
+        member.state = state
+        self._succeed(entry)
+
+    def _denoised(self, entry: _Entry, state: PipelineState) -> None:
+        """A job's denoise block is done: decode it with whoever finished with it."""
+        model = entry.model
+        assert model is not None and entry.member is not None
+        denoise = Stages.of(model.blocks).denoise
+        if self._observer is not None and denoise is not None:
+            self._observer.block_finished(model.name, denoise[0],
+                                          time.monotonic() - entry.denoise_started)
+        entry.member.state = state
+        with self._cond:
+            self._finishing.append((entry, state))
+            if self._finish_scheduled:
+                return
+            self._finish_scheduled = True
+        try:
+            self._runner.run(self._finish)
+        except RuntimeError:  # the runner stopped: so did the engine
+            with self._cond:
+                finishing, self._finishing = self._finishing, []
+                self._finish_scheduled = False
+            for waiting, _ in finishing:
+                self._fail(waiting, EngineStopped("the server is shutting down"))
+
+    def _finish(self) -> None:
+        with self._cond:
+            finishing, self._finishing = self._finishing, []
+            self._finish_scheduled = False
+        by_model: dict[str, list[_Entry]] = {}
+        for entry, _ in finishing:
+            by_model.setdefault(entry.job.model, []).append(entry)
+        for group in by_model.values():
+            self._run_stage(group, before=False)
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _release(self, entry: _Entry) -> bool:
+        """Take `entry` out of the running jobs; False if it was already done."""
+        with self._cond:
+            if entry.done:
+                return False
+            entry.done = True
+            if entry in self._running:
+                self._running.remove(entry)
+            self._cond.notify_all()
+            if entry.admitted:
+                self._job_seconds = (0.8 * self._job_seconds
+                                     + 0.2 * (time.monotonic() - entry.admitted))
+        return True
+
+    def _succeed(self, entry: _Entry) -> None:
+        if not self._release(entry):
+            return
+        job, member = entry.job, entry.member
+        assert member is not None
+        images = list(member.state.get("images") or [])
+        if len(images) != job.n:
+            _resolve(entry.future, error=RuntimeError(
+                f"model {job.model!r} returned {len(images)} images for a job of {job.n}"))
+            return
+        _resolve(entry.future, result=GenerationResult(
+            images, job.seeds, time.monotonic() - entry.admitted, entry.shared))
+
+    def _fail(self, entry: _Entry, error: BaseException) -> None:
+        if isinstance(error, TaskStopped) or entry.job.cancelled.is_set():
+            self._stopped(entry, entry.job.stop_error(entry.step), RUNNING)
+            return
+        if self._release(entry):
+            _resolve(entry.future, error=error)
 
     def _stopped(self, entry: _Entry, error: Exception, stage: str) -> None:
+        if stage == RUNNING and not self._release(entry):
+            return
         if self._observer is not None:
             self._observer.job_stopped(entry.job.model, entry.job.stop_reason or CANCELLED,
                                        stage)
         _resolve(entry.future, error=error)
 
-    def _run(self, batch: list[_Entry], worker: int) -> None:
-        now = time.monotonic()
-        live = []
-        for entry in batch:
-            if entry.job.check_deadline(now):
-                self._stopped(entry, entry.job.stop_error(), QUEUED)
-            elif entry.future.set_running_or_notify_cancel():
-                live.append(entry)
-        if not live:
-            return
-        name = live[0].job.model
-        try:
-            model = self._registry.get(name)
-        except Exception as error:  # e.g. not ready: every job of this model fails alike
-            for entry in live:
-                _resolve(entry.future, error=error)
-            return
-        for entry in live:
-            if self._observer is not None:
-                self._observer.job_started(name, now - entry.enqueued)
-            if entry.job.listener is not None:
-                entry.job.listener.started()
-        self._run_members(model, live, worker)
 
-    def _run_members(self, model: LoadedModel, members: list[_Entry], worker: int) -> None:
-        jobs = [entry.job for entry in members]
-        if self._observer is not None:
-            self._observer.batch_started(model.name, sum(job.n for job in jobs))
-        start = time.monotonic()
-        try:
-            outcomes = run_batch(model, jobs, self._on_step, worker=worker)
-        except Exception as error:
-            if len(members) == 1:
-                _resolve(members[0].future, error=error)
-                return
-            logger.warning("engine: a batch of %d jobs on model %s failed (%s: %s); running "
-                           "each alone", len(members), model.name, type(error).__name__, error)
-            for entry in members:
-                if entry.job.check_deadline():
-                    self._stopped(entry, entry.job.stop_error(), RUNNING)
-                else:
-                    self._run_members(model, [entry], worker)
+def _own_call(job: GenerationJob) -> bool:
+    """Whether `job` runs its pipeline in a call of its own (`Engine._run_own_call`)."""
+    return bool(job.loras) or job.step_cache is not None
+
+
+def run_job(registry: ModelRegistry, job: GenerationJob) -> GenerationResult:
+    """Run one job through an engine of its own in this process (the CLI's `generate`): the
+    same code, kernels and bytes as the server. Raises the job's error."""
+    from service.placement import LocalRunner
+
+    engine = Engine(registry, LocalRunner(), queue_size=1)
+    engine.start()
+    try:
+        return engine.submit(job).result()
+    finally:
+        engine.stop()
+
+
+class _Progress:
+    """A running job's denoise listener: steps become progress events and metrics."""
+
+    def __init__(self, engine: Engine, entry: _Entry) -> None:
+        self.engine, self.entry = engine, entry
+
+    def step(self, report: StepReport) -> None:
+        engine, entry = self.engine, self.entry
+        job = entry.job
+        entry.step = report.step
+        entry.shared = max(entry.shared, report.together)
+        if engine._observer is not None:
+            engine._observer.denoise_step(job.model, report)
+        if engine._step_hook is not None:
+            engine._step_hook([job], report.step - 1)
+        if job.listener is None:
             return
-        finally:
-            with self._cond:
-                self._batch_seconds = (0.8 * self._batch_seconds
-                                       + 0.2 * (time.monotonic() - start))
-        for entry, outcome in zip(members, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                self._stopped(entry, outcome, RUNNING)
-            else:
-                _resolve(entry.future, result=outcome)
+        previews = None
+        if (report.latents is not None and job.wants_preview is not None
+                and job.wants_preview(report.step, report.total)):
+            assert entry.model is not None
+            preview_map = engine._runner.preview_map(entry.model)
+            if preview_map is not None:
+                previews = preview_map.images(report.latents)
+        job.listener.progress(report.step, report.total, previews)
+
+    def finished(self, state: PipelineState) -> None:
+        self.engine._denoised(self.entry, state)
+
+    def failed(self, error: BaseException) -> None:
+        self.engine._fail(self.entry, error)
+
+    def stopped(self) -> bool:
+        return self.entry.job.check_deadline()

@@ -1,15 +1,18 @@
 """Test-only faults inside the pipeline, switched on by `BLOCKSERVE_TEST_HOOKS=true` only.
 
 Some behaviour can only be shown with a request that passes every HTTP check and then goes
-wrong while the model runs (a batch-mate that fails; a job slow enough to cancel mid-run).
-With the setting on, the engine's step hook reads markers in a job's prompt:
+wrong while the model runs (a step-mate that fails; a job slow enough to cancel mid-run).
+With the setting on, the engine's step hook reads markers in a job's prompt after each of its
+denoising steps:
 
-    [[fail]]         the job's pipeline call raises `InjectedFault` after its first step
-    [[slow:50ms]]    every step of the job's pipeline call takes at least 50 ms longer
+    [[fail]]         the job fails with `InjectedFault` after its first step (alone: the jobs
+                     it shares steps with go on)
+    [[slow:50ms]]    each of its steps is followed by a 50 ms pause of the thread that reports
+                     it: in embedded mode the step scheduler's, so every job stepping meanwhile
+                     slows down too (in Ray mode the router's, which only delays its events)
 
-A marker acts on the whole pipeline call the job is in (that is the point: its batch-mates
-are affected and must be retried alone, or wait). Off by default; never enable it in
-production, as any client could then fail or slow the engine on purpose.
+Off by default; never enable it in production, as any client could then fail or slow the
+engine on purpose.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """A generation job as the engine sees it, its result, and how it reports progress.
 
 Routes and the CLI turn requests into a `GenerationJob` (already validated against the model:
-every value here is one the model accepts); an engine runs it (`service.batch` runs one or
-several as one pipeline call). A job carries its own stop flag (cancelled by a client, or past
-its deadline), an optional `JobListener` told when it is queued, starts and finishes each
-denoising step (with preview images when `wants_preview` says so). Nothing here knows HTTP.
+every value here is one the model accepts); the engine (`service.engine`) runs it with the
+pipeline inputs `pipeline_inputs` gives. A job carries its own stop flag (cancelled by a
+client, or past its deadline), an optional `JobListener` told when it is queued, starts and
+finishes each denoising step (with preview images when `wants_preview` says so). Nothing here
+knows HTTP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from PIL import Image
 
 from blocks import GenerationCancelled
@@ -41,7 +43,7 @@ class JobListener(Protocol):
         """Queued with `position` jobs ahead of it."""
 
     def started(self) -> None:
-        """Its batch started running."""
+        """It left the queue: its text encoding runs, then its denoising steps."""
 
     def progress(self, step: int, total: int, previews: list[Image.Image] | None) -> None:
         """`step` of `total` denoising steps done; `previews`: one per image, when asked."""
@@ -91,17 +93,41 @@ class GenerationJob:
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys may run in one pipeline call without changing any image:
-        everything the pipeline takes as one value for the whole batch must be equal, and
-        whether a negative prompt is given (a list of them can't say "none" for one member).
-        Edits carry their own image, so each runs alone (its key includes its id); so does a
-        job with step caching, whose skip decisions must be its own (a pipeline call decides
-        once for all its rows)."""
+        """Request-level batching (`BLOCKSERVE_SCHEDULING=request`): jobs with equal keys may
+        run as one batch from first step to last: equal steps, guidance, scheduler, size,
+        strength, negative prompt given or not. Edits carry their own image, so each runs
+        alone (its key includes its id); so does a job with step caching, whose skip decisions
+        are its own."""
         alone = (self.id if self.image is not None or self.mask is not None
                  or self.step_cache is not None else None)
         return (self.model, self.workflow, self.width, self.height, self.steps,
                 self.guidance_scale, self.scheduler, self.strength,
                 self.negative_prompt is not None, self.loras, alone)
+
+    def pipeline_inputs(self, accepts: Callable[[str], bool]) -> dict[str, Any]:
+        """The pipeline inputs of this job, those the model `accepts`, None left out.
+
+        One prompt (and negative prompt) per image and one CPU generator per image seeded
+        `seed + i`: image i draws the same noise alone or with any other requests, on any
+        device, and every per-image value has one row per image (`service.merged_calls`)."""
+        n = self.n
+        inputs: dict[str, Any] = {
+            "prompt": [self.prompt] * n,
+            "negative_prompt": None if self.negative_prompt is None
+            else [self.negative_prompt] * n,
+            "num_images_per_prompt": 1,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "strength": self.strength,
+            "image": self.image,
+            "mask_image": self.mask,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds],
+            "output_type": "pil",
+        }
+        return {name: value for name, value in inputs.items()
+                if value is not None and accepts(name)}
 
     @property
     def deadline(self) -> float | None:
@@ -134,4 +160,4 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     seconds: float
-    batch_size: int = 1  # images made by the pipeline call this result came from
+    batch_size: int = 1  # the most requests that shared one of its denoising steps

@@ -15,7 +15,12 @@
     blockserve_queue_depth                                jobs waiting for the engine
     blockserve_inflight_jobs                              jobs in the batch running now
     blockserve_queue_wait_seconds{model}                  time from submission to running
-    blockserve_batch_size{model}                          images per pipeline call
+    blockserve_batch_size{model}                          images denoised together per step
+    blockserve_step_batch_size{model}                     requests per model forward of a
+                                                          denoising step
+    blockserve_denoise_steps_total{model}                 denoising steps done (per request)
+    blockserve_step_seconds{model}                        duration of one denoising step of
+                                                          the requests stepped together
     blockserve_cancellations_total{model,stage}           jobs cancelled (client, DELETE or
                                                           disconnect) while queued or running
     blockserve_timeouts_total{model,stage}                jobs stopped at their deadline
@@ -30,7 +35,9 @@
 
 Labels only ever carry configured model, workflow and adapter names, never request text, so
 their number stays bounded. The component series are read from the ComponentsManager when
-scraped, not pushed.
+scraped, not pushed. The step series are recorded from the steps each job hears about, in Ray
+mode too (the Denoiser replica streams them to the router): the forward sizes and durations of
+a step come with one job's report, so each forward is counted once.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ _WAIT_BUCKETS = (0.001, 0.0025, *_LATENCY_BUCKETS)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 # A method label outside these is "other": clients choose methods, labels must stay bounded.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class _ComponentsCollector(Collector):
@@ -136,8 +144,21 @@ class ServiceMetrics:
             ["model"], buckets=_WAIT_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
-            "blockserve_batch_size", "Images made by one pipeline call.", ["model"],
+            "blockserve_batch_size", "Images denoised together in one step.", ["model"],
             buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.step_batch_size = Histogram(
+            "blockserve_step_batch_size", "Requests per model forward of a denoising step.",
+            ["model"], buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.denoise_steps = Counter(
+            "blockserve_denoise_steps_total", "Denoising steps done, counted per request.",
+            ["model"], registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "blockserve_step_seconds",
+            "Duration of one denoising step of the requests stepped together.", ["model"],
+            buckets=_STEP_BUCKETS, registry=self.registry,
         )
         self.cancellations = Counter(
             "blockserve_cancellations_total",
@@ -172,8 +193,6 @@ class ServiceMetrics:
 
     # Hooks ----------------------------------------------------------------------------------
 
-    def observe_block(self, model: str, block: str, seconds: float) -> None:
-        self.block_duration.labels(model, block).observe(seconds)
 
     def components_loaded(self, _model: str, count: int) -> None:
         with self._components._lock:
@@ -207,8 +226,17 @@ class ServiceMetrics:
     def job_started(self, model: str, queue_seconds: float) -> None:
         self.queue_wait.labels(model).observe(queue_seconds)
 
-    def batch_started(self, model: str, images: int) -> None:
-        self.batch_size.labels(model).observe(images)
+    def denoise_step(self, model: str, report: Any) -> None:
+        self.denoise_steps.labels(model).inc()
+        for requests in report.forwards:
+            self.step_batch_size.labels(model).observe(requests)
+        if report.images:
+            self.batch_size.labels(model).observe(report.images)
+        if report.seconds is not None:
+            self.step_seconds.labels(model).observe(report.seconds)
+
+    def block_finished(self, model: str, block: str, seconds: float) -> None:
+        self.block_duration.labels(model, block).observe(seconds)
 
     def job_stopped(self, model: str, reason: str, stage: str) -> None:
         counter = self.timeouts if reason == "timeout" else self.cancellations

@@ -13,9 +13,11 @@ by pydantic so a bad file fails at start with every problem named:
         defaults: {steps: 4, guidance_scale: 7.5, size: 64x64}
         sizes: [32x32, 64x64]           # what requests may ask for
         limits: {max_steps: 50, max_n: 4, max_prompt_length: 1000, max_guidance_scale: 20}
-        max_batch_size: 8               # optional: most images per pipeline call for this
+        max_batch_size: 8               # optional: most images per model forward for this
                                         # model (memory; 1 = never batch); default: the
                                         # BLOCKSERVE_MAX_BATCH_SIZE setting
+        scheduling: step                # optional: step | request; default: the
+                                        # BLOCKSERVE_SCHEDULING setting
         aliases: [gpt-image-1]          # optional: other names requests may use (clients
                                         # that hard-code a model name)
         step_cache: {method: deepcache, interval: 3}   # optional: the step caching requests
@@ -140,7 +142,10 @@ class ModelConfig(BaseModel):
     create_tiny: Literal["sd", "flux2-klein"] | None = None
     max_batch_size: int | None = Field(
         None, ge=1, le=256,
-        description="Most images per pipeline call; None: the process setting; 1: no batching.",
+        description="Most images per model forward; None: the process setting; 1: no batching.",
+    )
+    scheduling: Literal["step", "request"] | None = Field(
+        None, description="How its requests share the denoiser; None: the process setting.",
     )
     aliases: tuple[str, ...] = Field(
         (), description="Other names requests may use for this model (e.g. gpt-image-1)."

@@ -2,174 +2,143 @@
 
     serve run deployments/serve_config.yaml          # or: blockserve serve --ray
 
-`build_app(args)` is the Serve application builder the YAML names. It reads the models file,
-writes tiny checkpoints where asked, and binds one `TextEncoder`, `Denoiser` and `VAE`
-deployment (`deployments.heavy`) plus the `Router`: the ingress whose ASGI app is
-`create_app(settings, models, placement=RayPlacement(handles))`. `RayPlacement` swaps each
-model's heavy top-level blocks for `RemoteBlock`s (the light ones run in the router) and
-brings `RayEngine`.
+`build_app(args)` is the Serve application builder the YAML names. It reads the application's
+arguments once (`deployments.app_config.ServeAppConfig`: unknown keys are an error), reads the
+models file, writes tiny checkpoints where asked, and binds one `TextEncoder`, `Denoiser` and
+`VAE` deployment (`deployments.heavy`) plus the `Router`: the ingress whose ASGI app is
+`create_app(settings, models, placement=RayPlacement(handles))`.
 
-`RayEngine` implements `Engine` for this placement: a bounded FIFO queue and a few worker
-threads, each running one job's pipeline call at a time, so up to `concurrency` calls are in
-flight to the deployments at once and the Denoiser's `@serve.batch` can merge them. Progress
-is coarse (queued → started → completed: the denoise loop runs remotely in one call);
-cancelling a running job cancels its pending remote call.
+`RayPlacement` swaps each model's heavy top-level blocks for `RemoteBlock`s (the light ones
+run in the router) and brings the `RayRunner` the engine runs on — the very engine of embedded
+mode (`service.engine`): its queue, positions, jobs, events, cancellation and timeouts. The
+runner runs the engine's merged stages (text encoding, decoding) as remote calls from a pool
+of threads, and each job's denoise block as a stream from a `Denoiser` replica, whose step
+scheduler batches every router's requests step by step; the steps stream back, so jobs get
+per-step progress, previews and metrics exactly as in embedded mode. A model whose blocks stay
+in the router (a weight-free family) steps on a local scheduler.
 
-Not handled here: per-step progress and previews in Ray mode, and the demo family's blocks
-(they have no heavy blocks and run in the router).
+`/readyz` asks the placement too: ready only once every deployment answers from a running
+replica (a replica answers only after loading its models).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from blocks import ModularPipelineBlocks
+from blocks import ModularPipelineBlocks, PipelineState
+from blocks.latent_rgb import LatentRGB
+from deployments.app_config import ServeAppConfig
 from deployments.remote_block import (
     HEAVY_ROLES,
     RemoteBlock,
-    remote_cancel_check,
     remote_pipeline_blocks,
 )
-from service.batch import run_batch
-from service.engine import EngineStopped, QueueFull, _resolve
-from service.jobs import CANCELLED, GenerationJob, GenerationResult
 from service.models_file import ModelsFile, ModelsFileError, load_models_file
-from service.registry import ModelRegistry, ensure_checkpoint
+from service.placement import DenoiseRequest, LocalRunner
+from service.registry import ensure_checkpoint
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 RAY_FAMILIES_SKIPPED = frozenset({"demo"})  # weight-free: run in the router
+READY_PROBE_TIMEOUT_S = 2.0
+READY_CACHE_S = 2.0
+PREVIEW_FIT_TIMEOUT_S = 30.0
 
 
-class RayEngine:
-    """Jobs in FIFO order on `concurrency` threads; each thread runs one job at a time."""
+class RayRunner:
+    """The engine's stages in Ray mode (see the module docstring)."""
 
-    def __init__(self, registry: ModelRegistry, queue_size: int = 64, concurrency: int = 16,
-                 observer: Any = None) -> None:
-        self._registry = registry
-        self.queue_size = queue_size
+    def __init__(self, concurrency: int, batch_window_s: float, vae: Any = None) -> None:
         self.concurrency = concurrency
-        self._observer = observer
-        self._cond = threading.Condition()
-        self._pending: collections.deque[tuple[GenerationJob, Future, float]] = (
-            collections.deque())
-        self._running: set[str] = set()
-        self._threads: list[threading.Thread] = []
-        self._stopping = False
-
-    @property
-    def queued(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    @property
-    def running(self) -> int:
-        with self._cond:
-            return len(self._running)
+        self._vae = vae  # the VAE deployment's handle: it fits the preview maps
+        self._stages: ThreadPoolExecutor | None = None
+        self._local = LocalRunner(batch_window_s=batch_window_s)  # models run in the router
+        self._maps: dict[str, LatentRGB | None] = {}
+        self._maps_lock = threading.Lock()
 
     def start(self) -> None:
-        with self._cond:
-            self._stopping = False
-            self._threads = [t for t in self._threads if t.is_alive()]
-            while len(self._threads) < self.concurrency:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f"blockserve-ray-engine-{len(self._threads)}")
-                thread.start()
-                self._threads.append(thread)
+        if self._stages is None:
+            self._stages = ThreadPoolExecutor(max(4, self.concurrency),
+                                              thread_name_prefix="blockserve-ray-stage")
+        self._local.start()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            dropped = list(self._pending)
-            self._pending.clear()
-            threads, self._threads = self._threads, []
-            self._cond.notify_all()
-        for _job, future, _ in dropped:
-            _resolve(future, error=EngineStopped("the server is shutting down"))
-        for thread in threads:
-            thread.join(timeout)
+    def stop(self) -> None:
+        if self._stages is not None:
+            self._stages.shutdown(wait=False, cancel_futures=True)
+            self._stages = None
+        self._local.stop()
 
-    def submit(self, job: GenerationJob) -> Future[GenerationResult]:
-        future: Future[GenerationResult] = Future()
-        with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            if len(self._pending) >= self.queue_size:
-                raise QueueFull(f"{len(self._pending)} jobs are already waiting", 2)
-            self._pending.append((job, future, time.monotonic()))
-            if job.listener is not None:
-                job.listener.queued(len(self._pending) - 1)
-            self._cond.notify()
-        return future
+    def capacity(self, cap: int) -> int:
+        return self.concurrency
 
-    def cancel(self, job: GenerationJob, reason: str = CANCELLED) -> bool:
-        stopped = job.cancel(reason)
-        with self._cond:
-            entry = next((e for e in self._pending if e[0] is job), None)
-            if entry is not None:
-                self._pending.remove(entry)
-        if entry is not None:
-            _resolve(entry[1], error=job.stop_error())
-        return stopped
+    def worker(self) -> int:
+        return 0  # the router's pipelines hold no thread-unsafe components of their own
 
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job, future, enqueued = self._pending.popleft()
-                self._running.add(job.id)
+    def run(self, fn: Callable[[], None]) -> None:
+        assert self._stages is not None, "the runner is not started"
+        self._stages.submit(fn)
+
+    def preview_map(self, model: Any) -> LatentRGB | None:
+        remote = any(isinstance(block, RemoteBlock)
+                     for block in getattr(model.blocks, "sub_blocks", {}).values())
+        if not remote or self._vae is None:
+            return self._local.preview_map(model)
+        with self._maps_lock:
+            if model.name not in self._maps:
+                try:
+                    self._maps[model.name] = self._vae.latent_rgb.remote(model.name).result(
+                        timeout_s=PREVIEW_FIT_TIMEOUT_S)
+                except Exception as error:  # no previews for now; asked again next time
+                    logger.warning("model %s: no preview map from the VAE deployment (%s)",
+                                   model.name, type(error).__name__)
+                    return None
+            return self._maps[model.name]
+
+    def denoise(self, request: DenoiseRequest) -> Callable[[], None]:
+        if not isinstance(request.block, RemoteBlock):
+            return self._local.denoise(request)
+        stream = request.block.stream(request.components, request.state, request.options)
+        listener = request.listener
+
+        def follow() -> None:
             try:
-                self._run(job, future, enqueued)
-            except Exception as error:  # never kill a worker
-                logger.exception("ray engine: job %s failed unexpectedly", job.id)
-                _resolve(future, error=error)
-            finally:
-                with self._cond:
-                    self._running.discard(job.id)
+                for item in stream:
+                    if isinstance(item, PipelineState):
+                        listener.finished(item)
+                        return
+                    if listener.stopped():
+                        stream.cancel()
+                        continue  # the stream ends with TaskStopped
+                    try:
+                        listener.step(item)
+                    except Exception as error:  # e.g. a test hook: this job fails, alone
+                        stream.cancel()
+                        listener.failed(error)
+                        return
+            except Exception as error:
+                listener.failed(error)
 
-    def _run(self, job: GenerationJob, future: Future, enqueued: float) -> None:
-        if job.check_deadline() or not future.set_running_or_notify_cancel():
-            _resolve(future, error=job.stop_error())
-            return
-        model = self._registry.get(job.model)
-        if self._observer is not None:
-            self._observer.job_started(job.model, time.monotonic() - enqueued)
-            self._observer.batch_started(job.model, job.n)
-        if job.listener is not None:
-            job.listener.started()
-        token = remote_cancel_check.set(lambda: job.check_deadline())
-        try:
-            outcome = run_batch(model, [job])[0]
-        except Exception as error:
-            _resolve(future, error=job.stop_error() if job.cancelled.is_set() else error)
-            return
-        finally:
-            remote_cancel_check.reset(token)
-        if isinstance(outcome, Exception):
-            _resolve(future, error=outcome)
-        else:
-            _resolve(future, result=outcome)
+        threading.Thread(target=follow, daemon=True, name="blockserve-ray-stream").start()
+        return stream.cancel
 
 
 class RayPlacement:
     """Heavy blocks on the deployments behind `handles` ({role: DeploymentHandle})."""
 
-    def __init__(self, handles: dict[str, Any], concurrency: int = 16) -> None:
+    def __init__(self, handles: dict[str, Any], config: ServeAppConfig | None = None) -> None:
         self.handles = handles
-        self.concurrency = concurrency
+        self.config = config or ServeAppConfig()
         self._remote: dict[str, list[str]] = {}  # model -> its blocks that run remotely
+        self._ready: tuple[float, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
 
     def transform_blocks(self, config: Any, blocks: ModularPipelineBlocks
                          ) -> ModularPipelineBlocks:
@@ -180,10 +149,20 @@ class RayPlacement:
                                      if isinstance(block, RemoteBlock)]
         return remote
 
-    def make_engine(self, registry: ModelRegistry, settings: Settings, metrics: Any
-                    ) -> RayEngine:
-        return RayEngine(registry, queue_size=settings.queue_size,
-                         concurrency=self.concurrency, observer=metrics)
+    def make_runner(self, settings: Settings) -> RayRunner:
+        return RayRunner(self.config.concurrency, settings.batch_window_ms / 1000,
+                         self.handles.get("VAE"))
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Every deployment answers a ping from a running replica (cached while ready)."""
+        with self._lock:
+            if self._ready is not None and time.monotonic() - self._ready[0] < READY_CACHE_S:
+                return True, self._ready[1]
+        states = {role: _probe(handle) for role, handle in self.handles.items()}
+        ready = all(state == "ready" for state in states.values())
+        with self._lock:
+            self._ready = (time.monotonic(), states) if ready else None
+        return ready, {"deployments": states}
 
     def describe(self, model: str) -> dict[str, Any] | None:
         """{block: {deployment, replicas}} for the heavy blocks of `model`, and under
@@ -200,6 +179,19 @@ class RayPlacement:
     def metric_collectors(self) -> list[Any]:
         """Extra Prometheus collectors of this placement: the weight pool's series."""
         return [WeightPoolCollector()]
+
+
+def _probe(handle: Any) -> str:
+    """"ready" when the deployment answers a ping in time, else why not."""
+    response = handle.ping.remote()
+    try:
+        response.result(timeout_s=READY_PROBE_TIMEOUT_S)
+    except TimeoutError:
+        response.cancel()
+        return "no running replica answered yet"
+    except Exception as error:  # the deployment is failing or gone
+        return f"unavailable ({type(error).__name__})"
+    return "ready"
 
 
 def model_weights(model: str, stats: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -311,49 +303,45 @@ def _router_class() -> Any:
         """The HTTP ingress: embedded mode's app with a `RayPlacement`."""
 
         def __init__(self, text_encoder: Any, denoiser: Any, vae: Any,
-                     models_file: str | None = None, concurrency: int = 16) -> None:
+                     config: ServeAppConfig) -> None:
             self.handles = {"TextEncoder": text_encoder, "Denoiser": denoiser, "VAE": vae}
-            self.models_file = models_file
-            self.concurrency = concurrency
+            self.config = config
 
         def __serve_build_asgi_app__(self) -> Any:
             from service.app import create_app
 
-            settings = Settings.from_env(models_file=self.models_file)
+            settings = Settings.from_env(**self.config.settings_overrides())
             models = load_models_file(settings.models_file)
             return create_app(settings, models,
-                              placement=RayPlacement(self.handles, self.concurrency))
+                              placement=RayPlacement(self.handles, self.config))
 
     return Router
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """The Serve application: `args` may set `models_file`, `concurrency`,
-    `max_batch_size` and `batch_wait_timeout_s` (the Denoiser's `@serve.batch`), and
-    `weight_pool` (`deployments.heavy`: enabled, idle_offload_s, memory_budget_bytes,
-    heartbeat_s)."""
+    """The Serve application for `args` (`deployments.app_config.ServeAppConfig`)."""
     from deployments.heavy import VAE, Denoiser, TextEncoder
 
-    settings = Settings.from_env(models_file=args.get("models_file"))
+    config = ServeAppConfig.parse(args)
+    settings = Settings.from_env(**config.settings_overrides())
     models = load_models_file(settings.models_file)
     heavy = heavy_models(models)
+    config = config.model_copy(update={"models_file": str(settings.models_file)})
     # `serve run` applies the YAML's per-deployment options itself; `blockserve serve --ray`
     # passes them here (same keys as Serve's config file).
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
-               for d in args.get("deployments") or []}
+               for d in config.deployments or []}
 
     def placed(deployment: Any) -> Any:
         extra = options.get(deployment.name)
         return deployment.options(**extra) if extra else deployment
 
-    pool = args.get("weight_pool") or {}
-    denoiser = placed(Denoiser).bind(
-        heavy, max_batch_size=int(args.get("max_batch_size", 8)),
-        batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.02)), weight_pool=pool)
+    pool = config.weight_pool
+    denoiser = placed(Denoiser).bind(heavy, weight_pool=pool,
+                                     batch_window_s=settings.batch_window_ms / 1000)
     return placed(_router_class()).bind(
         placed(TextEncoder).bind(heavy, weight_pool=pool), denoiser,
-        placed(VAE).bind(heavy, weight_pool=pool),
-        models_file=str(settings.models_file), concurrency=int(args.get("concurrency", 16)),
+        placed(VAE).bind(heavy, weight_pool=pool), config=config,
     )
 
 

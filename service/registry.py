@@ -5,12 +5,12 @@
 (or the built-in demo blocks), loads its weights through one shared `ComponentsManager`, and
 tracks each model's state (pending, loading, ready, failed) for `/readyz`.
 
-A request may name a scheduler. Schedulers hold per-call state (timesteps), so a request never
-swaps the scheduler of a pipeline another request might be using: each (model, scheduler,
-engine worker) gets its own pipeline, made on first use, whose weights are the very same
-objects as the model's first pipeline (shared through the ComponentsManager) and whose
-scheduler is created with `from_config(<the checkpoint's scheduler>.config)` (the checkpoint's
-own scheduler: a copy of it).
+A request may name a scheduler, and schedulers hold per-request state (timesteps, step index,
+multistep history): `LoadedModel.new_scheduler` gives every request its own scheduler object,
+made with `from_config(<the checkpoint's scheduler>.config)` (for the checkpoint's own, a copy
+of it). A pipeline per engine worker (`pipeline(worker)`) shares the model's weights (the very
+same objects, through the ComponentsManager) and copies the other loaded components (a fast
+tokenizer must not be used by two threads at once).
 
 Not handled here: unloading models at run time, reloading a changed models file, and choosing
 which requests run when (that is the engine's job).
@@ -42,7 +42,6 @@ from blocks.step_cache import (
     hooks_for,
     step_cache_config,
 )
-from service.block_timing import with_block_timing
 from service.block_tree import block_tree
 from service.families import FAMILIES, FamilySupport
 from service.latent_rgb import factors_for
@@ -54,7 +53,6 @@ logger = logging.getLogger(__name__)
 PENDING, LOADING, READY, FAILED = "pending", "loading", "ready", "failed"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-BlockObserver = Callable[[str, str, float], None]  # (model, block, seconds)
 BlocksTransform = Callable[["ModelConfig", ModularPipelineBlocks], ModularPipelineBlocks]
 
 
@@ -73,7 +71,7 @@ class LoadedModel:
 
     config: ModelConfig
     family: FamilySupport
-    blocks: ModularPipelineBlocks  # the (timed) blocks every pipeline of this model runs
+    blocks: ModularPipelineBlocks  # the blocks every pipeline of this model runs
     base: ModularPipeline
     default_scheduler: str
     workflows: tuple[str, ...]
@@ -81,7 +79,7 @@ class LoadedModel:
     tree: dict[str, Any]
     step_cache_methods: tuple[str, ...] = ()  # what its denoiser supports
     step_cache: StepCacheConfig | None = None  # the models file's default (checked)
-    _variants: dict[tuple[str | None, int], ModularPipeline] = field(default_factory=dict)
+    _workers: dict[int, ModularPipeline] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _manager: Any = None
     loras: LoraCache | None = None  # the adapters requests may name, when it allows any
@@ -99,59 +97,63 @@ class LoadedModel:
         return self.config.name
 
     @property
+    def device(self) -> str:
+        return self.config.device
+
+    @property
     def schedulers(self) -> tuple[str, ...]:
         return tuple(self.family.schedulers)
 
     def accepts(self, input_name: str) -> bool:
         return input_name in self.input_names
 
-    def pipeline(self, scheduler: str | None = None, worker: int = 0) -> ModularPipeline:
-        """The pipeline running `scheduler` (None: the checkpoint's) for engine worker
-        `worker`, made on first use."""
-        if scheduler == self.default_scheduler:
-            scheduler = None
-        if scheduler is None and worker == 0:
-            return self.base
-        if scheduler is not None and scheduler not in self.family.schedulers:
+    def new_scheduler(self, name: str | None = None) -> Any:
+        """A scheduler object of its own for one request: `name` (a request's scheduler), or
+        the checkpoint's own (None). None when the model's blocks use no scheduler."""
+        base = self.base.components.get("scheduler")
+        if base is None:
+            return None
+        if name is None or name == self.default_scheduler:
+            return copy.deepcopy(base)
+        if name not in self.family.schedulers:
             raise ValueError(
-                f"scheduler {scheduler!r} is not one of {', '.join(self.schedulers)} "
+                f"scheduler {name!r} is not one of {', '.join(self.schedulers)} "
                 f"for model {self.name!r}"
             )
+        return self.family.scheduler_class(name).from_config(base.config)
+
+    def pipeline(self, worker: int = 0) -> ModularPipeline:
+        """The pipeline engine worker `worker` runs blocks with, made on first use."""
+        if worker == 0:
+            return self.base
         with self._lock:
-            pipe = self._variants.get((scheduler, worker))
+            pipe = self._workers.get(worker)
             if pipe is None:
-                pipe = self._make_variant(scheduler, worker)
-                self._variants[(scheduler, worker)] = pipe
+                pipe = self._make_worker_pipeline(worker)
+                self._workers[worker] = pipe
             return pipe
 
-    def _make_variant(self, scheduler: str | None, worker: int) -> ModularPipeline:
+    def _make_worker_pipeline(self, worker: int) -> ModularPipeline:
         base = self.base
         pipe = self.blocks.init_pipeline(
-            self.config.path,
-            components_manager=self._manager,
-            collection=f"{self.name}:{scheduler or self.default_scheduler}:{worker}",
+            self.config.path, components_manager=self._manager,
+            collection=f"{self.name}:worker{worker}",
         )
-        # Weights are shared. Other loaded components (tokenizers) are shared within one
-        # worker, whose calls never overlap, and copied for another: a fast tokenizer must not
-        # be used by two threads at once.
+        # Weights are shared; other loaded components (tokenizers) are copied.
         loaded = {}
         for name, component in base.components.items():
-            if (component is None or name == "scheduler"
-                    or base.component_specs[name].default_creation_method != "from_pretrained"):
+            if component is None or name == "scheduler" \
+                    or base.component_specs[name].default_creation_method != "from_pretrained":
                 continue
-            share = worker == 0 or isinstance(component, torch.nn.Module)
-            loaded[name] = component if share else copy.deepcopy(component)
+            loaded[name] = component if isinstance(component, torch.nn.Module) \
+                else copy.deepcopy(component)
         pipe.update_components(**loaded)
         # Components loaded later on first use get the model's dtype too.
         pipe.load_components(names=[], dtype=DTYPES[self.config.dtype])
-        if scheduler is not None:
-            scheduler_class = self.family.scheduler_class(scheduler)
-            pipe.update_components(scheduler=scheduler_class.from_config(base.scheduler.config))
-        elif base.components.get("scheduler") is not None:  # the checkpoint's own: a copy
+        if base.components.get("scheduler") is not None:
             pipe.update_components(scheduler=copy.deepcopy(base.scheduler))
         pipe.set_progress_bar_config(disable=True)
-        logger.info("model %s: pipeline for scheduler %s, worker %d ready", self.name,
-                    scheduler or self.default_scheduler, worker)
+        logger.info("model %s: pipeline for engine worker %d ready", self.name, worker)
         return pipe
 
 
@@ -162,7 +164,6 @@ class ModelRegistry:
         self,
         models: ModelsFile,
         manager: ComponentsManager | None = None,
-        block_observer: BlockObserver | None = None,
         on_components_loaded: Callable[[str, int], None] | None = None,
         blocks_transform: BlocksTransform | None = None,
         lora_observer: LoraObserver | None = None,
@@ -171,7 +172,6 @@ class ModelRegistry:
         # Ray mode: swaps heavy blocks for remote ones before the pipeline is made.
         self._blocks_transform = blocks_transform
         self.manager = manager if manager is not None else ComponentsManager()
-        self._block_observer = block_observer
         self._on_components_loaded = on_components_loaded
         self._lora_observer = lora_observer
         self._lock = threading.Lock()
@@ -273,9 +273,6 @@ class ModelRegistry:
         tree = block_tree(blocks)
         if self._blocks_transform is not None:
             blocks = self._blocks_transform(config, blocks)
-        if self._block_observer is not None:
-            observer = self._block_observer
-            blocks = with_block_timing(blocks, lambda block, s: observer(config.name, block, s))
         base = blocks.init_pipeline(
             config.path, components_manager=self.manager, collection=config.name
         )

@@ -21,12 +21,17 @@ line flags override the environment (`Settings.from_env(port=...)`).
     BLOCKSERVE_QUEUE_SIZE        64; jobs waiting for the engine before 429 (with Retry-After)
     BLOCKSERVE_REQUEST_TIMEOUT_SECONDS  300; a job not done this long after it was submitted
                                  (queue time included) is cancelled: 504, or a failed job
-    BLOCKSERVE_MAX_BATCH_SIZE    8; most images one pipeline call makes (1 = no batching); a
-                                 model's `max_batch_size` in the models file overrides it
-    BLOCKSERVE_BATCH_WINDOW_MS   5; how long an idle engine waits for compatible requests to
-                                 join the first one's batch (0 = never wait)
-    BLOCKSERVE_WORKERS           1; batches the engine runs at once. Keep 1 for one GPU; on a
-                                 CPU, a small model may serve more with one worker per core
+    BLOCKSERVE_SCHEDULING        step; how requests share the denoiser: `step` (requests join
+                                 and leave a running batch between denoising steps) or
+                                 `request` (a batch runs from first step to last; for
+                                 comparison); a model's `scheduling` in the models file
+                                 overrides it
+    BLOCKSERVE_MAX_BATCH_SIZE    8; most images per model forward (1 = no batching); a model's
+                                 `max_batch_size` in the models file overrides it
+    BLOCKSERVE_BATCH_WINDOW_MS   5; request scheduling only: how long an idle engine waits for
+                                 compatible requests to join the first one's batch
+    BLOCKSERVE_WORKERS           1; steps the engine computes at once. Keep 1 for one GPU; on
+                                 a CPU, a small model may serve more with one worker per core
                                  (each gets cores / workers torch threads)
     BLOCKSERVE_TORCH_THREADS     torch threads per worker; default OMP_NUM_THREADS when set,
                                  else (cores - 1) / workers: one core stays free, so a busy
@@ -105,13 +110,17 @@ class Settings(BaseModel):
         300.0, gt=0, le=24 * 3600,
         description="Longest a job may take from submission (queue included) before 504.",
     )
+    scheduling: Literal["step", "request"] = Field(
+        "step", description="`step`: requests share the denoiser's forwards and join or leave "
+                            "between steps; `request`: a batch runs whole (for comparison).",
+    )
     max_batch_size: int = Field(
-        8, ge=1, le=256, description="Most images per pipeline call; 1 turns batching off."
+        8, ge=1, le=256, description="Most images per model forward; 1 turns batching off."
     )
     workers: int = Field(
         1, ge=1, le=64,
-        description="Batches the engine runs at once; on a CPU each gets cores/workers torch "
-                    "threads. 1 for one GPU.",
+        description="Steps the engine computes at once; on a CPU each gets cores/workers "
+                    "torch threads. 1 for one GPU.",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=1024,
@@ -120,7 +129,8 @@ class Settings(BaseModel):
     )
     batch_window_ms: float = Field(
         5.0, ge=0, le=10_000,
-        description="How long an idle engine waits for compatible requests to batch with.",
+        description="Request scheduling only: how long an idle engine waits for compatible "
+                    "requests to batch with.",
     )
     result_cache_bytes: int = Field(
         0, ge=0, le=2**40,

@@ -1,5 +1,6 @@
-"""`GET /healthz` (the process answers), `GET /readyz` (every model is loaded: else 503),
-`GET /metrics` (Prometheus text). All open: no API key, so probes and scrapers need none.
+"""`GET /healthz` (the process answers), `GET /readyz` (every model is loaded and, in Ray mode,
+every deployment has a replica able to serve: else 503), `GET /metrics` (Prometheus text). All
+open: no API key, so probes and scrapers need none.
 
 `/readyz` names each model's state to anyone, but why a model failed (exception text, which
 can hold paths) only to callers with an API key (or when authentication is off); the server
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from service.auth import is_authorized
@@ -28,18 +30,23 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: 200 once every configured model is loaded, else 503",
-    responses={503: {"description": "Models still loading, or one failed to load."}},
+    summary="Readiness: 200 once every configured model is loaded (and, in Ray mode, every "
+            "deployment can serve), else 503",
+    responses={503: {"description": "Models or deployments still starting, or a model "
+                                    "failed to load."}},
 )
 async def readyz(
     request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
-    ready = ctx.registry.ready
+    placed, placement = await run_in_threadpool(ctx.placement.ready)
+    ready = ctx.registry.ready and placed
     states = ctx.registry.states()
     if not is_authorized(request):
         states = {name: {**state, "error": _HIDDEN} if "error" in state else state
                   for name, state in states.items()}
-    body = {"status": "ready" if ready else "not ready", "models": states}
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", "models": states}
+    if placement:
+        body["placement"] = placement
     return JSONResponse(body, status_code=200 if ready else 503,
                         headers={} if ready else {"Retry-After": "5"})
 

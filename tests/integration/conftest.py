@@ -49,7 +49,7 @@ TINY_SD_YAML = """
     create_tiny: sd
     defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
     sizes: [32x32, 64x64]
-    limits: {{max_steps: 4, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
+    limits: {{max_steps: {max_steps}, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
 """
 
 TINY_FLUX_YAML = """
@@ -144,6 +144,8 @@ def _blockserve_command() -> list[str]:
     return [sys.executable, "-m", "service.cli"]
 
 
+# `demo-solo` takes one image per forward: a running job fills its pool, so the next ones of
+# its size queue (positions, 429s, disconnects while queued).
 ENGINE_YAML = """
 models:
   demo:
@@ -151,24 +153,30 @@ models:
     defaults: {steps: 2, size: 32x32}
     sizes: [32x32, 64x64]
     limits: {max_steps: 200, max_n: 4, max_prompt_length: 200}
+  demo-solo:
+    family: demo
+    defaults: {steps: 2, size: 32x32}
+    sizes: [32x32, 64x64]
+    limits: {max_steps: 200, max_n: 4, max_prompt_length: 200}
+    max_batch_size: 1
 """
 ENGINE_QUEUE_SIZE = 4
 ENGINE_ENV = {
     "BLOCKSERVE_TEST_HOOKS": "true",  # [[fail]] and [[slow:Nms]] prompt markers
     "BLOCKSERVE_QUEUE_SIZE": str(ENGINE_QUEUE_SIZE),
     "BLOCKSERVE_MAX_BATCH_SIZE": "8",
-    "BLOCKSERVE_BATCH_WINDOW_MS": "20",
 }
 
 
 def _start(folder: Path, api_key: str | None, yaml_text: str | None = None,
-           extra_env: dict[str, str] | None = None) -> LiveServer:
+           extra_env: dict[str, str] | None = None, sd_max_steps: int = 4) -> LiveServer:
     folder.mkdir(parents=True, exist_ok=True)
     models_file = folder / "models.yaml"
     with_flux = yaml_text is None
     yaml_text = DEMO_YAML if yaml_text is None else yaml_text
     if SERVES_TINY_SD:
-        yaml_text += TINY_SD_YAML.format(tiny_sd_path=folder.parent / "tiny-sd")
+        yaml_text += TINY_SD_YAML.format(tiny_sd_path=folder.parent / "tiny-sd",
+                                         max_steps=sd_max_steps)
     if SERVES_TINY_FLUX and with_flux:
         yaml_text += TINY_FLUX_YAML.format(tiny_flux_path=folder.parent / "tiny-flux")
     models_file.write_text(yaml_text)
@@ -241,7 +249,8 @@ def open_server(live_root: Path, server: LiveServer) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def engine_server(live_root: Path) -> Iterator[LiveServer]:
-    """Auth off, test hooks on, a queue of `ENGINE_QUEUE_SIZE`, demo jobs of up to 200 steps."""
-    live = _start(live_root / "engine", None, ENGINE_YAML, ENGINE_ENV)
+    """Auth off, test hooks on, a queue of `ENGINE_QUEUE_SIZE`, demo jobs of up to 200 steps,
+    tiny SD jobs of up to 50."""
+    live = _start(live_root / "engine", None, ENGINE_YAML, ENGINE_ENV, sd_max_steps=50)
     yield live
     _stop(live)

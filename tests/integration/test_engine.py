@@ -1,11 +1,11 @@
-"""The serving engine on a live server: jobs and their events, cancellation, batching that
-changes no image, back-pressure, disconnects, failure isolation, and streaming.
+"""The serving engine on a live server: jobs and their events, cancellation, step-level batching
+that changes no image, back-pressure, disconnects, failure isolation, and streaming.
 
-The server (`engine_server`) has test hooks on, so a prompt can make its pipeline call slow
-(`[[slow:50ms]]` per step) or fail (`[[fail]]`). Most tests first start a *blocker*: a slow
-64x64 job that keeps the engine busy, so the requests under test queue up behind it (32x32,
-another batch key) and are all in the queue when the blocker is cancelled — which makes "these
-run as one batch" deterministic instead of a matter of timing.
+The server (`engine_server`) has test hooks on, so a prompt can make its steps slow
+(`[[slow:50ms]]` per step) or fail (`[[fail]]`). `demo-solo` takes one image per forward, so
+a running *blocker* job (slow, many steps) fills its pool and the requests under test queue
+behind it, in order, until it is cancelled. The step-batching scenario shared with Ray mode is
+`tests/integration/step_batching.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -26,6 +26,7 @@ from openai import OpenAI
 from PIL import Image
 
 from tests.integration.conftest import ENGINE_QUEUE_SIZE, LiveServer, needs_tiny_sd
+from tests.integration.step_batching import run_scenario, shared_forwards
 
 GENERATIONS = "/v1/images/generations"
 
@@ -74,10 +75,12 @@ def decode_png(b64_json: str) -> Image.Image:
     return image
 
 
-def start_blocker(client: httpx.Client) -> str:
-    """A slow 64x64 job, running when this returns: the engine is busy until it is cancelled."""
-    response = client.post("/v1/jobs", json={"model": "demo", "prompt": "black [[slow:50ms]]",
-                                             "size": "64x64", "num_inference_steps": 200})
+def start_blocker(client: httpx.Client, size: str = "32x32") -> str:
+    """A slow demo-solo job, running when this returns: demo-solo jobs of its size queue until
+    it is cancelled."""
+    response = client.post("/v1/jobs", json={"model": "demo-solo", "size": size,
+                                             "prompt": "black [[slow:50ms]]",
+                                             "num_inference_steps": 200})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "running",
@@ -90,24 +93,10 @@ def generate(server: LiveServer, body: dict[str, Any], timeout: float = 60.0) ->
         return client.post(GENERATIONS, json=body)
 
 
-def queued_behind_blocker(server: LiveServer,
-                          bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    """Send `bodies` concurrently while a blocker runs, release them together, collect them."""
-    with server.client() as client, ThreadPoolExecutor(len(bodies)) as pool:
-        blocker = start_blocker(client)
-        futures: list[Future[httpx.Response]] = [pool.submit(generate, server, body)
-                                                 for body in bodies]
-        wait_until(lambda: metric(server, "blockserve_queue_depth") == len(bodies),
-                   what=f"{len(bodies)} queued jobs")
-        assert client.delete(f"/v1/jobs/{blocker}").status_code == 200
-        return [future.result() for future in futures]
-
-
-def batched_images(server: LiveServer) -> float:
-    """Pipeline calls so far that made more than one image."""
-    total = metric(server, "blockserve_batch_size_count", model="demo")
-    single = metric(server, "blockserve_batch_size_bucket", model="demo", le="1.0")
-    return total - single
+def shared(server: LiveServer, model: str = "demo") -> float:
+    """Denoiser forwards so far that served more than one request."""
+    with server.client() as client:
+        return shared_forwards(client, model)
 
 
 # -- jobs and events ---------------------------------------------------------------------------
@@ -182,17 +171,23 @@ def test_unknown_jobs_are_404(engine_server: LiveServer) -> None:
             assert response.json()["error"]["code"] == "job_not_found"
 
 
-# -- batching ----------------------------------------------------------------------------------
+# -- step-level batching -----------------------------------------------------------------------
 
 
-def test_batched_and_alone_give_identical_pixels(engine_server: LiveServer) -> None:
-    bodies = [{"model": "demo", "prompt": f"{colour} sky", "seed": seed, "n": n}
-              for colour, seed, n in (("red", 1, 1), ("green", 2, 2), ("blue", 3, 1),
-                                      ("a purple cat", 4, 1))]
-    batches_before = batched_images(engine_server)
-    batched = queued_behind_blocker(engine_server, bodies)
-    assert batched_images(engine_server) > batches_before  # a pipeline call made several
-    for body, response in zip(bodies, batched, strict=True):
+def test_concurrent_requests_share_steps_and_give_the_bytes_made_alone(
+        engine_server: LiveServer) -> None:
+    bodies = [{"model": "demo", "prompt": f"{colour} sky", "seed": seed, "n": n,
+               "num_inference_steps": steps}
+              for colour, seed, n, steps in (("red", 1, 1, 6), ("green", 2, 2, 3),
+                                             ("blue", 3, 1, 9), ("a purple cat", 4, 1, 4))]
+    before = shared(engine_server)
+    anchor = {"model": "demo", "prompt": "white [[slow:20ms]]", "num_inference_steps": 30}
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        slow = pool.submit(generate, engine_server, anchor)  # keeps steps slow meanwhile
+        together = list(pool.map(lambda body: generate(engine_server, body), bodies))
+        assert slow.result().status_code == 200
+    assert shared(engine_server) > before
+    for body, response in zip(bodies, together, strict=True):
         assert response.status_code == 200, response.text
         alone = generate(engine_server, body)
         assert [d["b64_json"] for d in response.json()["data"]] == \
@@ -200,25 +195,20 @@ def test_batched_and_alone_give_identical_pixels(engine_server: LiveServer) -> N
 
 
 @needs_tiny_sd
-def test_tiny_sd_batched_and_alone_give_identical_pixels(engine_server: LiveServer) -> None:
-    # The same noise and batch-invariant CPU kernels (see service/batch.py): the same bytes.
-    bodies = [{"model": "tiny-sd", "prompt": prompt, "seed": seed}
-              for prompt, seed in (("a cat", 1), ("a dog", 2), ("a tree", 3))]
-    batched = queued_behind_blocker(engine_server, bodies)
-    assert metric(engine_server, "blockserve_batch_size_count", model="tiny-sd") > \
-        metric(engine_server, "blockserve_batch_size_bucket", model="tiny-sd", le="1.0")
-    for body, response in zip(bodies, batched, strict=True):
-        assert response.status_code == 200, response.text
-        alone = generate(engine_server, body).json()["data"][0]["b64_json"]
-        assert response.json()["data"][0]["b64_json"] == alone
+def test_tiny_sd_mixed_steps_guidance_joins_and_a_cancellation_change_no_image(
+        engine_server: LiveServer) -> None:
+    # Steps of 4, 9 and 20 with three guidance scales join a running anchor, which is then
+    # cancelled: the short one finishes first and every image is its alone bytes.
+    with engine_server.client() as client:
+        run_scenario(client, "tiny-sd", anchor_prompt="an anchor [[slow:10ms]]")
 
 
-def test_a_failing_request_leaves_its_batch_mates_correct(engine_server: LiveServer) -> None:
-    bodies = [{"model": "demo", "prompt": prompt, "seed": seed}
-              for prompt, seed in (("red", 5), ("green [[fail]]", 6), ("blue", 7))]
-    batches_before = batched_images(engine_server)
-    responses = queued_behind_blocker(engine_server, bodies)
-    assert batched_images(engine_server) > batches_before  # they did try as one batch
+def test_a_failing_request_leaves_its_step_mates_correct(engine_server: LiveServer) -> None:
+    bodies = [{"model": "demo", "prompt": prompt, "seed": seed, "num_inference_steps": 5}
+              for prompt, seed in (("red [[slow:10ms]]", 5), ("green [[fail]]", 6),
+                                   ("blue", 7))]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: generate(engine_server, body), bodies))
     assert responses[1].status_code == 500
     assert responses[1].json()["error"]["code"] == "internal_error"
     for index in (0, 2):
@@ -235,14 +225,14 @@ def test_a_full_queue_answers_429_with_retry_after(engine_server: LiveServer) ->
         blocker = start_blocker(client)
         queued = []
         for seed in range(ENGINE_QUEUE_SIZE):
-            response = client.post("/v1/jobs", json={"model": "demo", "prompt": "red",
+            response = client.post("/v1/jobs", json={"model": "demo-solo", "prompt": "red",
                                                      "seed": seed})
             assert response.status_code == 202, response.text
             queued.append(response.json()["id"])
         assert client.get(f"/v1/jobs/{queued[-1]}").json()["position"] == \
             ENGINE_QUEUE_SIZE - 1
-        full = client.post(GENERATIONS, json={"model": "demo", "prompt": "red"})
-        full_job = client.post("/v1/jobs", json={"model": "demo", "prompt": "red"})
+        full = client.post(GENERATIONS, json={"model": "demo-solo", "prompt": "red"})
+        full_job = client.post("/v1/jobs", json={"model": "demo-solo", "prompt": "red"})
         for response in (full, full_job):
             assert response.status_code == 429, response.text
             assert int(response.headers["retry-after"]) >= 1
@@ -256,16 +246,16 @@ def test_a_full_queue_answers_429_with_retry_after(engine_server: LiveServer) ->
 
 
 def test_a_disconnecting_client_frees_its_slot(engine_server: LiveServer) -> None:
-    queued_before = metric(engine_server, "blockserve_cancellations_total", model="demo",
+    queued_before = metric(engine_server, "blockserve_cancellations_total", model="demo-solo",
                            stage="queued")
     with engine_server.client() as client:
         blocker = start_blocker(client)
         # Queued behind the blocker when its client gives up: its slot is freed.
         with pytest.raises(httpx.ReadTimeout):
-            generate(engine_server, {"model": "demo", "prompt": "red"}, timeout=0.5)
+            generate(engine_server, {"model": "demo-solo", "prompt": "red"}, timeout=0.5)
         wait_until(lambda: metric(engine_server, "blockserve_queue_depth") == 0,
                    what="the queue to empty")
-        assert metric(engine_server, "blockserve_cancellations_total", model="demo",
+        assert metric(engine_server, "blockserve_cancellations_total", model="demo-solo",
                       stage="queued") == queued_before + 1
         client.delete(f"/v1/jobs/{blocker}")
         # Running when its client gives up: stopped at its next step.
@@ -322,5 +312,7 @@ def test_engine_metrics_are_exported(engine_server: LiveServer) -> None:
     text = httpx.get(f"{engine_server.base_url}/metrics").text
     for name in ("blockserve_queue_depth", "blockserve_inflight_jobs",
                  "blockserve_queue_wait_seconds_bucket", "blockserve_batch_size_bucket",
+                 "blockserve_step_batch_size_bucket", "blockserve_denoise_steps_total",
+                 "blockserve_step_seconds_bucket",
                  "blockserve_cancellations_total", "blockserve_timeouts_total"):
         assert f"# TYPE {name.removesuffix('_bucket').removesuffix('_total')}" in text, name

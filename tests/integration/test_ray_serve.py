@@ -1,13 +1,12 @@
 """Distributed mode on a local Ray cluster (2 CPUs, loopback): heavy blocks on their own
-deployments, the embedded app as the Serve ingress, the same pixels as embedded mode.
+deployments, the embedded app as the Serve ingress, the same engine, events and pixels as
+embedded mode.
 
 One Serve application (module-scoped) serves every test here; it takes ~30 s to start.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,11 @@ httpx = pytest.importorskip("httpx")
 from blocks import ModularPipeline  # noqa: E402
 from deployments.remote_block import remote_pipeline_blocks  # noqa: E402
 from tests.integration.conftest import local_serve_app  # noqa: E402
+from tests.integration.step_batching import (  # noqa: E402
+    job_events,
+    run_scenario,
+    shared_forwards,
+)
 
 MODEL = "tiny-sd"
 MODELS_YAML = """
@@ -34,8 +38,17 @@ models:
     create_tiny: sd
     defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
     sizes: [32x32, 64x64]
-    limits: {{max_steps: 4, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
+    limits: {{max_steps: 50, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
 """
+# The default model too, for "Ray = embedded" on the model a new user meets first.
+SHAPES_YAML = """
+  tiny-shapes-sd:
+    family: sd
+    path: {path}
+    defaults: {{steps: 20, guidance_scale: 5, size: 64x64}}
+    sizes: [64x64]
+"""
+SHAPES = Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes-sd"
 ROLES = ("TextEncoder", "Denoiser", "VAE")
 
 
@@ -43,13 +56,30 @@ ROLES = ("TextEncoder", "Denoiser", "VAE")
 def ray_app(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("ray")
     models_file = folder / "models.yaml"
-    models_file.write_text(MODELS_YAML.format(path=folder / "tiny-sd"))
-    args = {"models_file": str(models_file), "batch_wait_timeout_s": 0.05}
-    with local_serve_app(args) as base_url:
+    models_file.write_text(MODELS_YAML.format(path=folder / "tiny-sd")
+                           + SHAPES_YAML.format(path=SHAPES))
+    with local_serve_app({"models_file": str(models_file)}) as base_url:
         handles = {role: serve.get_deployment_handle(role, app_name="blockserve")
                    for role in ROLES}
         yield {"url": base_url, "handles": handles, "path": str(folder / "tiny-sd"),
                "models_file": models_file}
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_app):
+    """The embedded app on the same models file, in this process."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings.from_env(models_file=ray_app["models_file"], api_keys="")
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        yield client
 
 
 def _pipelines(ray_app) -> tuple[ModularPipeline, ModularPipeline]:
@@ -85,59 +115,64 @@ def test_same_pixels_as_embedded_text2image_and_edit(ray_app) -> None:
     assert np.abs(got - expected).max() <= 1e-4
 
 
-def _png(item: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+def test_readyz_says_every_deployment_can_serve(ray_app) -> None:
+    body = httpx.get(f"{ray_app['url']}/readyz", timeout=30).json()
+    assert body["status"] == "ready"
+    assert body["placement"]["deployments"] == dict.fromkeys(ROLES, "ready")
 
 
-def test_http_same_png_as_embedded_app(ray_app) -> None:
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
-
-    body = {"model": MODEL, "prompt": "a blue square", "seed": 11, "size": "32x32"}
-    got = httpx.post(f"{ray_app['url']}/v1/images/generations", json=body, timeout=120)
-    assert got.status_code == 200, got.text
-    settings = Settings.from_env(models_file=ray_app["models_file"], api_keys="")
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        expected = client.post("/v1/images/generations", json=body)
-    assert expected.status_code == 200, expected.text
-    # Both compute under batch-invariant CPU kernels, whichever process runs a block.
-    assert got.json()["data"][0]["b64_json"] == expected.json()["data"][0]["b64_json"]
+def test_default_model_gives_the_embedded_bytes_at_several_seeds(ray_app, embedded) -> None:
+    for seed in (1, 2, 3):
+        body = {"prompt": "a red circle on a blue background", "seed": seed, "size": "64x64",
+                "model": "tiny-shapes-sd"}
+        got = httpx.post(f"{ray_app['url']}/v1/images/generations", json=body, timeout=120)
+        assert got.status_code == 200, got.text
+        expected = embedded.post("/v1/images/generations", json=body)
+        assert expected.status_code == 200, expected.text
+        # One engine and the batch-invariant CPU kernels in both: the same PNG bytes.
+        assert got.json()["data"][0]["b64_json"] == expected.json()["data"][0]["b64_json"], seed
 
 
-def test_sixteen_concurrent_requests_succeed_and_the_denoiser_batches(ray_app) -> None:
+def test_mixed_steps_guidance_joins_and_a_cancellation_change_no_image(ray_app) -> None:
+    with httpx.Client(base_url=ray_app["url"], timeout=120) as client:
+        run_scenario(client, MODEL)
+
+
+def test_jobs_get_embedded_modes_events_with_progress_and_previews(ray_app, embedded) -> None:
+    job = {"model": MODEL, "prompt": "a job", "seed": 5, "num_inference_steps": 6,
+           "preview": True}
+    with httpx.Client(base_url=ray_app["url"], timeout=120) as client:
+        got = job_events(client, job)
+    assert got[:2] == [("queued", 0), ("started", None)]
+    assert got[-2:] == [("progress", (6, 6, 1)), ("completed", 1)]
+    assert got == job_events(embedded, job)
+
+
+def test_streaming_with_partial_images(ray_app) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{ray_app['url']}/v1", api_key="unused", max_retries=0)
+    received = list(client.images.generate(
+        model=MODEL, prompt="a stream", stream=True, partial_images=2,
+        extra_body={"seed": 8, "num_inference_steps": 6}))
+    assert [event.type for event in received] == [
+        "image_generation.partial_image", "image_generation.partial_image",
+        "image_generation.completed"]
+
+
+def test_sixteen_concurrent_requests_succeed_and_share_denoiser_steps(ray_app) -> None:
     def generate(seed: int) -> int:
-        body = {"model": MODEL, "prompt": f"shape {seed}", "seed": seed, "size": "32x32"}
+        body = {"model": MODEL, "prompt": f"shape {seed}", "seed": seed, "size": "32x32",
+                "num_inference_steps": 4}
         return httpx.post(f"{ray_app['url']}/v1/images/generations", json=body,
                           timeout=180).status_code
 
-    with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(generate, range(16)))
-    assert codes == [200] * 16
-    info = ray_app["handles"]["Denoiser"].info.remote().result()
-    assert any(size > 1 for size in info["batch_sizes"]), info["batch_sizes"]
-
-
-def test_batched_denoise_gives_the_images_made_alone(ray_app) -> None:
-    seeds = [21, 22, 23]
-
-    def generate(seed: int) -> np.ndarray:
-        body = {"model": MODEL, "prompt": "batch me", "seed": seed, "size": "32x32"}
-        response = httpx.post(f"{ray_app['url']}/v1/images/generations", json=body,
-                              timeout=180)
-        assert response.status_code == 200, response.text
-        return _png(response.json()["data"][0]).astype(int)
-
-    alone = [generate(seed) for seed in seeds]
-    with ThreadPoolExecutor(len(seeds)) as pool:
-        together = list(pool.map(generate, seeds))
-    for a, b in zip(alone, together, strict=True):
-        assert np.array_equal(a, b)  # batch-invariant CPU kernels in the Denoiser
+    with httpx.Client(base_url=ray_app["url"], timeout=30) as client:
+        before = shared_forwards(client, MODEL)
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(generate, range(16)))
+        assert codes == [200] * 16
+        assert shared_forwards(client, MODEL) > before
 
 
 def test_model_detail_names_the_deployment_of_each_heavy_block(ray_app) -> None:
@@ -146,32 +181,6 @@ def test_model_detail_names_the_deployment_of_each_heavy_block(ray_app) -> None:
     assert placement["denoise"]["deployment"] == "Denoiser"
     assert placement["decode"]["deployment"] == "VAE"
     assert placement["text_encoder"]["replicas"] >= 1
-
-
-def test_job_reports_started_and_completed_and_delete_cancels(ray_app) -> None:
-    url = ray_app["url"]
-    body = {"model": MODEL, "prompt": "a job", "seed": 5, "size": "32x32"}
-    created = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
-    assert created.status_code == 202, created.text
-    job_id = created.json()["id"]
-    deadline = time.monotonic() + 60
-    while (status := httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())["status"] \
-            not in ("succeeded", "completed", "failed", "cancelled"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert status["status"] in ("succeeded", "completed"), status
-
-    # Queue a burst, then cancel the last one: it ends cancelled, not with an image.
-    ids = [httpx.post(f"{url}/v1/jobs", json={**body, "seed": s}, timeout=30).json()["id"]
-           for s in range(20)]
-    cancelled = httpx.delete(f"{url}/v1/jobs/{ids[-1]}", timeout=30)
-    assert cancelled.status_code == 200, cancelled.text
-    deadline = time.monotonic() + 60
-    while (status := httpx.get(f"{url}/v1/jobs/{ids[-1]}", timeout=30).json())["status"] \
-            not in ("succeeded", "completed", "failed", "cancelled"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert status["status"] == "cancelled", status
 
 
 def test_serve_config_is_a_valid_serve_config_naming_every_deployment() -> None:

@@ -38,7 +38,7 @@ def test_blocks_imports_without_ray_fastapi_prometheus():
 
 def test_deployments_import_blocks_and_ray_only():
     """`deployments` may import `blocks` and `ray`, never `service` or an HTTP stack; and
-    `RemoteBlock` itself needs no ray (it only calls a handle it is given)."""
+    `RemoteBlock`, the step scheduler, the block host and the app config need no ray."""
     import ast
     from pathlib import Path
 
@@ -65,10 +65,33 @@ def test_deployments_import_blocks_and_ray_only():
                 return None
 
         sys.meta_path.insert(0, Block())
-        import deployments.remote_block
+        import deployments.remote_block, deployments.step_scheduler, deployments.app_config
+        import deployments.block_host
         print("remote-block-ok")
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "remote-block-ok" in result.stdout
+
+
+def test_embedded_mode_needs_no_ray():
+    """One engine serves both modes: its embedded placement imports no Ray."""
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ray":
+                    raise ModuleNotFoundError(f"blocked: {name}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import service.app, service.engine, service.placement, service.cli
+        print("embedded-ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "embedded-ok" in result.stdout

@@ -140,7 +140,7 @@ def test_serve_config_v2_matches_deployments_serve_config():
 def test_the_drift_check_catches_a_change():
     cluster = yaml.safe_load(RAYSERVICE["spec"]["serveConfigV2"])
     local = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
-    cluster["applications"][0]["args"]["max_batch_size"] += 1
+    cluster["applications"][0]["args"]["concurrency"] += 1
     assert _applications(cluster) != _applications(local)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.batch import run_job
+from service.engine import run_job
 from service.jobs import GenerationJob
 from service.latent_rgb import factors_for
 from service.models_file import load_models_file
@@ -39,18 +39,20 @@ def shapes_model():
     torch.set_num_threads(1)
     models = load_models_file(DEFAULT_MODELS_FILE)
     registry = ModelRegistry(models)
-    yield registry.load(models.default_model)  # tiny-shapes-sd, committed in assets/
+    registry.load(models.default_model)  # tiny-shapes-sd, committed in assets/
+    yield registry
     torch.set_num_threads(previous)
 
 
 def test_a_preview_at_60_percent_is_closer_to_the_image_than_to_noise(shapes_model):
+    registry, shapes_model = shapes_model, shapes_model.get(shapes_model.default_model)
     job = GenerationJob(model=shapes_model.name, workflow="text2image",
                         prompt="a red circle on a blue background", n=1, width=64, height=64,
                         steps=STEPS, seed=3, guidance_scale=5.0)
     listener = _Previews()
     job.listener = listener
     job.wants_preview = lambda _step, _total: True
-    final = np.asarray(run_job(shapes_model, job).images[0], dtype=np.float32)
+    final = np.asarray(run_job(registry, job).images[0], dtype=np.float32)
     factor = final.shape[0] // listener.by_step[STEPS].shape[0]  # 4: 64x64 <-> 16x16
     small = final.reshape(16, factor, 16, factor, 3).mean(axis=(1, 3))
     # What a preview of noise looks like: the same map on the noise the run starts from.

@@ -1,30 +1,36 @@
 """`RemoteBlock` and `BlockHost` without Ray: a fake handle that pickles each call and result
 (the wire) and runs it on in-process hosts, one per heavy role, each loading only its role's
-components. Same pixels as the plain pipeline; batched denoising gives each request its own
-image; a cancelled wait cancels the pending call."""
+components and running the block the call carries. Same pixels as the plain pipeline; the
+denoise block streams its steps from a step scheduler, several requests share its forwards
+and each gets its own image; a cancelled stream stops the request."""
 
 from __future__ import annotations
 
 import pickle
+import queue
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from blocks import GenerationCancelled, ModularPipeline
+from blocks import ModularPipeline
 from blocks.batch_invariance import batch_invariant
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
-from deployments.block_host import BlockHost, batch_key
+from deployments.block_host import BlockHost
 from deployments.remote_block import (
+    BlockResult,
     RemoteBlock,
     ReplicaUnavailable,
-    remote_cancel_check,
     remote_pipeline_blocks,
-    wait_cancellable,
 )
+from deployments.step_scheduler import StepReport, StepScheduler, TaskOptions, TaskStopped
 
 MODEL = "tiny-sd"
+
+
+def _wire(value):
+    return pickle.loads(pickle.dumps(value))
 
 
 class _Response:
@@ -33,7 +39,7 @@ class _Response:
         self.cancelled = False
 
     def result(self, timeout_s=None):
-        return pickle.loads(pickle.dumps(self._fn(pickle.loads(pickle.dumps(self._call)))))
+        return _wire(self._fn(_wire(self._call)))
 
     def cancel(self):
         self.cancelled = True
@@ -47,13 +53,67 @@ class _Method:
         return _Response(self._fn, call)
 
 
-class FakeHandle:
-    """What RemoteBlock uses of a DeploymentHandle: `handle.run.remote(call).result()`."""
+class _StreamResponse:
+    """A streamed call on the host's step scheduler: what `Denoiser.stream` does, in-process."""
 
-    def __init__(self, host: BlockHost):
+    def __init__(self, host: BlockHost, scheduler: StepScheduler, call, options):
+        self.items: queue.Queue = queue.Queue()
+        self.closed = False
+        response = self
+
+        class Listener:
+            def step(self, report):
+                response.items.put(_wire(report))
+
+            def finished(self, state):
+                response.items.put(_wire(received.result(state)))
+
+            def failed(self, error):
+                response.items.put(error)
+
+            def stopped(self):
+                return response.closed
+
+        task, received = host.task(_wire(call), _wire(options), Listener())
+        scheduler.submit(task)
+
+    def cancel(self):
+        self.closed = True
+        self.items.put(RuntimeError("cancelled"))
+
+    def __iter__(self):
+        while True:
+            item = self.items.get(timeout=60)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, BlockResult):
+                return
+
+
+class _Streaming:
+    def __init__(self, host: BlockHost, scheduler: StepScheduler):
+        self.host, self.scheduler = host, scheduler
+        self.responses: list[_StreamResponse] = []
+
+    def remote(self, call, options):
+        response = _StreamResponse(self.host, self.scheduler, call, options)
+        self.responses.append(response)
+        return response
+
+
+class FakeHandle:
+    """What RemoteBlock uses of a DeploymentHandle: `handle.run.remote(call).result()`, and
+    `handle.options(stream=True).stream.remote(call, options)` iterated."""
+
+    def __init__(self, host: BlockHost, scheduler: StepScheduler | None = None):
         self.host = host
         self.run = _Method(host.run)
         self.deployment_name = host.role
+        self.stream = _Streaming(host, scheduler) if scheduler is not None else None
+
+    def options(self, stream=False):
+        return self
 
 
 @pytest.fixture(scope="module")
@@ -106,53 +166,96 @@ def test_edit_runs_the_vae_encoder_remotely_with_same_pixels(setup):
     assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_merged_denoise_calls_give_each_request_its_own_latents(setup):
-    _, remote, hosts, path = setup
-    calls = []
-    denoiser = hosts["Denoiser"]
-    recorder = FakeHandle(denoiser)
-    recorder.run = _Method(lambda call: calls.append(call) or denoiser.run(call))
+def _encoded(remote: ModularPipeline, seed: int, steps: int):
+    """A request's state after text encoding, as the router's engine hands it to denoise."""
+    from blocks.block import run_block
+
+    state = remote.input_state(prompt=[f"p{seed}"],
+                               generator=[torch.Generator().manual_seed(seed)],
+                               num_inference_steps=steps, height=32, width=32,
+                               guidance_scale=5.0, output_type="np")
     blocks = remote.blocks
-    blocks.sub_blocks["denoise"] = RemoteBlock(blocks.sub_blocks["denoise"].block, "denoise",
-                                               MODEL, recorder)
-    pipe = blocks.init_pipeline(path)
-    pipe.update_components(scheduler=remote.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    for seed in (3, 4, 5):
-        pipe(prompt=f"p{seed}", generator=[torch.Generator().manual_seed(seed)],
-             num_inference_steps=2, height=32, width=32, guidance_scale=5.0, output="latents")
-    assert len({batch_key(call, i) for i, call in enumerate(calls)}) == 1  # all compatible
-    alone = [denoiser.run(call) for call in calls]
-    merged = denoiser.run_many(calls)
-    for one, many in zip(alone, merged, strict=True):
-        a, b = dict((k, v) for k, v, _ in one.outputs), dict((k, v) for k, v, _ in many.outputs)
-        assert b["latents"].shape == a["latents"].shape == (1, 4, 8, 8)
-        assert torch.allclose(a["latents"], b["latents"], atol=1e-5)
-        assert all(torch.equal(x, y) for x, y in
-                   zip(one.generator_states, many.generator_states, strict=True))
+    with torch.inference_mode():
+        _, state = run_block(blocks.sub_blocks["text_encoder"], "text_encoder", remote, state)
+    return blocks.sub_blocks["denoise"], state
 
 
-def test_wait_cancellable_cancels_the_pending_call():
-    stop = threading.Event()
+def _stream_all(remote_block, components, state, options, reports):
+    for item in remote_block.stream(components, state, options):
+        if isinstance(item, StepReport):
+            reports.append(item)
+        else:
+            return item
 
-    class Pending:
-        cancelled = False
 
-        def result(self, timeout_s=None):
-            stop.set()  # the caller decides to stop while the call is in flight
-            raise TimeoutError
+def test_the_denoise_block_streams_its_steps_and_shares_forwards_bit_exactly(setup):
+    _, remote, hosts, _ = setup
+    requests = [(3, 2), (4, 5)]  # (seed, steps)
 
-        def cancel(self):
-            self.cancelled = True
+    def run(together: bool) -> tuple[list, list]:
+        scheduler = StepScheduler()
+        handle = FakeHandle(hosts["Denoiser"], scheduler)
+        outcomes: list = [None] * len(requests)
+        reports: list[list[StepReport]] = [[] for _ in requests]
+        threads = []
+        for index, (seed, steps) in enumerate(requests):
+            denoise, state = _encoded(remote, seed, steps)
+            block = RemoteBlock(denoise.block, "denoise", MODEL, handle)
+            options = TaskOptions(pool="tiny", want_latents=True)
 
-    pending = Pending()
-    token = remote_cancel_check.set(stop.is_set)
+            def go(index=index, block=block, state=state, options=options):
+                outcomes[index] = _stream_all(block, remote, state, options, reports[index])
+
+            threads.append(threading.Thread(target=go))
+        if together:  # both wait before the scheduler starts: they start together
+            for thread in threads:
+                thread.start()
+            while scheduler.waiting < len(threads):
+                threading.Event().wait(0.01)
+            scheduler.start()
+        else:
+            scheduler.start()
+            for thread in threads:
+                thread.start()
+                thread.join(60)
+        for thread in threads:
+            thread.join(60)
+        scheduler.stop()
+        return outcomes, reports
+
+    alone, _ = run(together=False)
+    together, reports = run(together=True)
+    for (_, steps), a, b, heard in zip(requests, alone, together, reports, strict=True):
+        assert torch.equal(a.get("latents"), b.get("latents"))
+        assert [r.step for r in heard] == list(range(1, steps + 1))
+        assert all(r.total == steps and r.latents is not None for r in heard)
+    assert max(r.together for r in reports[0]) == 2  # they shared steps
+    # The forwards of each scheduler step are reported once: 2 shared steps, 3 alone.
+    assert sorted(n for heard in reports for r in heard for n in r.forwards) == [1, 1, 1, 2, 2]
+
+
+def test_cancelling_a_stream_stops_its_request_at_the_next_step(setup):
+    _, remote, hosts, _ = setup
+    scheduler = StepScheduler()
+    scheduler.start()
     try:
-        with pytest.raises(GenerationCancelled):
-            wait_cancellable(pending)
+        denoise, state = _encoded(remote, 7, 40)
+        block = RemoteBlock(denoise.block, "denoise", MODEL,
+                            FakeHandle(hosts["Denoiser"], scheduler))
+        stream = block.stream(remote, state, TaskOptions(pool="tiny"))
+        steps = []
+        with pytest.raises(TaskStopped):
+            for item in stream:
+                steps.append(item.step)
+                if item.step == 2:
+                    stream.cancel()
+        assert steps[-1] < 40
+        waited = threading.Event()
+        while scheduler.active and not waited.wait(0.01):
+            pass
+        assert scheduler.active == 0  # the scheduler dropped it
     finally:
-        remote_cancel_check.reset(token)
-    assert pending.cancelled
+        scheduler.stop()
 
 
 class _Failing:

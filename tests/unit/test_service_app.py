@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from blocks.demo import DemoAutoBlocks
 from service.app import create_app
 from service.auth import key_matches
-from service.block_timing import with_block_timing
 from service.engine import QueueFull
 from service.file_store import FileStore
 from service.models_file import parse_models
@@ -173,17 +171,17 @@ def test_file_store_expires_and_respects_its_budget():
     assert len(first) >= 20  # unguessable
 
 
-def test_block_timing_keeps_the_blocks_identity_and_reports_each_top_level_block():
-    seen: list[tuple[str, float]] = []
-    blocks = with_block_timing(DemoAutoBlocks(), lambda name, s: seen.append((name, s)))
-    assert type(blocks).__name__ == "DemoAutoBlocks"
-    assert blocks.available_workflows == ["text2image", "image2image"]
-    assert "DemoAutoBlocks" in repr(blocks)
-    pipe = blocks.init_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    pipe(prompt="red", num_inference_steps=2, output="images")
-    assert [name for name, _ in seen] == ["text_encoder", "denoise", "decode"]
-    assert all(seconds >= 0 for _, seconds in seen)
+def test_the_engine_times_each_top_level_block_and_counts_steps(tmp_path):
+    with TestClient(make_app(tmp_path)) as client:
+        wait_ready(client)
+        assert client.post("/v1/images/generations", json=GENERATE).status_code == 200
+        metrics = client.get("/metrics").text
+    for block in ("text_encoder", "denoise", "decode"):
+        assert f'blockserve_block_duration_seconds_count{{block="{block}",model="demo"}} 1.0' \
+            in metrics
+    assert 'blockserve_denoise_steps_total{model="demo"} 2.0' in metrics  # demo: 2 steps
+    assert 'blockserve_step_batch_size_count{model="demo"} 2.0' in metrics
+    assert 'blockserve_step_seconds_count{model="demo"} 2.0' in metrics
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +191,8 @@ def tiny_flux(tmp_path_factory) -> Path:
     return write_tiny_flux2_klein(tmp_path_factory.mktemp("flux") / "tiny-flux")
 
 
-def test_scheduler_pipelines_share_the_weights(tiny_flux, monkeypatch):
+def test_requests_get_schedulers_of_their_own_and_worker_pipelines_share_weights(
+        tiny_flux, monkeypatch):
     from service import families
 
     flux = families.FAMILIES["flux2-klein"]
@@ -207,13 +206,15 @@ def test_scheduler_pipelines_share_the_weights(tiny_flux, monkeypatch):
     model = registry.load("flux")
     assert registry.state("flux") == READY
     assert model.default_scheduler == "flow_match_euler"
-    assert model.pipeline("flow_match_euler") is model.base
+    base_scheduler = model.base.components["scheduler"]
+    own = model.new_scheduler("flow_match_euler")
+    assert own is not base_scheduler and own.config == base_scheduler.config
+    copied = model.new_scheduler("flow_match_copy")
+    assert copied is not own and copied.config == base_scheduler.config
     weights = registry.manager.bytes_by_device()
-    variant = model.pipeline("flow_match_copy")
-    assert variant is model.pipeline("flow_match_copy")  # made once
-    assert variant is not model.base
-    assert variant.components["transformer"] is model.base.components["transformer"]
-    assert variant.components["scheduler"] is not model.base.components["scheduler"]
+    worker = model.pipeline(1)
+    assert worker is model.pipeline(1) and worker is not model.base  # made once
+    assert worker.components["transformer"] is model.base.components["transformer"]
     assert registry.manager.bytes_by_device() == weights  # no second copy of any weight
     with pytest.raises(ValueError, match="flow_match_euler"):
-        model.pipeline("ddim")
+        model.new_scheduler("ddim")

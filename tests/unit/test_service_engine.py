@@ -1,8 +1,10 @@
-"""The batching engine, job records and previews in-process, on the weight-free demo model.
+"""The engine in-process, embedded placement, on the weight-free demo model (and tiny SD where
+the weights matter): step-level batching that changes no image, pools and caps, request-level
+scheduling, back-pressure, cancellation, timeouts, failure isolation, job records, previews.
 
-Jobs submitted before `start()` are all queued when the worker first looks, which makes "these
-run as one batch" deterministic; a listener that cancels from inside `progress` makes "stopped
-at step k" deterministic too.
+Jobs submitted before `start()` are all queued when the engine first looks, which makes "these
+start together" deterministic; a listener that acts from inside `progress` (cancels, submits)
+makes "at step k" deterministic up to one step.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import torch
 from PIL import Image
 
 from blocks import GenerationCancelled
-from service.batch import batch_inputs, run_batch
-from service.engine import BatchingEngine, EngineStopped, QueueFull
+from blocks.latent_rgb import PIXELS, LatentRGB
+from service.engine import Engine, EngineStopped, QueueFull, run_job
 from service.fault_injection import InjectedFault, fault_injection_hook
 from service.job_store import JobRecord, JobStore
 from service.jobs import TIMEOUT, GenerationJob, GenerationTimedOut
-from service.latent_rgb import PIXELS, LatentRGB
 from service.models_file import parse_models
+from service.placement import LocalRunner
 from service.registry import ModelRegistry
 from service.routes.images import partial_steps
 
@@ -45,11 +47,11 @@ def job(prompt: str = "red", seed: int = 0, n: int = 1, steps: int = 3, size: in
 
 
 class Recorder:
-    """A job listener that records what it is told, and can cancel its job at a step."""
+    """A job listener that records what it is told, and can act at a step."""
 
-    def __init__(self, cancel_at: int | None = None, engine: BatchingEngine | None = None):
+    def __init__(self, at: int | None = None, action=None):
         self.events: list[tuple] = []
-        self.cancel_at, self.engine, self.job = cancel_at, engine, None
+        self.at, self.action = at, action
 
     def queued(self, position: int) -> None:
         self.events.append(("queued", position))
@@ -59,24 +61,41 @@ class Recorder:
 
     def progress(self, step: int, total: int, previews: list[Image.Image] | None) -> None:
         self.events.append(("progress", step, total, previews))
-        if step == self.cancel_at:
-            self.engine.cancel(self.job)
+        if step == self.at:
+            self.action()
+
+    @property
+    def steps(self) -> list[int]:
+        return [e[1] for e in self.events if e[0] == "progress"]
 
 
 class Observer:
     def __init__(self) -> None:
         self.waits: list[float] = []
-        self.batches: list[int] = []
+        self.forwards: list[int] = []
+        self.images: list[int] = []
+        self.steps = 0
+        self.blocks: list[str] = []
         self.stopped: list[tuple[str, str]] = []
 
     def job_started(self, model: str, queue_seconds: float) -> None:
         self.waits.append(queue_seconds)
 
-    def batch_started(self, model: str, images: int) -> None:
-        self.batches.append(images)
+    def denoise_step(self, model: str, report) -> None:
+        self.steps += 1
+        self.forwards += report.forwards
+        if report.images:
+            self.images.append(report.images)
+
+    def block_finished(self, model: str, block: str, seconds: float) -> None:
+        self.blocks.append(block)
 
     def job_stopped(self, model: str, reason: str, stage: str) -> None:
         self.stopped.append((reason, stage))
+
+
+def engine(registry, observer=None, workers=1, **options) -> Engine:
+    return Engine(registry, LocalRunner(workers=workers), observer=observer, **options)
 
 
 def pixels(image: Image.Image) -> bytes:
@@ -84,140 +103,173 @@ def pixels(image: Image.Image) -> bytes:
 
 
 def alone(registry: ModelRegistry, template: GenerationJob) -> list[bytes]:
-    fresh = job(template.prompt, template.seed, template.n, template.steps, template.width,
-                negative_prompt=template.negative_prompt)
-    outcome = run_batch(registry.get("demo"), [fresh])[0]
-    assert not isinstance(outcome, Exception)
-    return [pixels(image) for image in outcome.images]
+    fresh = job(template.prompt, template.seed, template.n, template.steps, template.width)
+    return [pixels(image) for image in run_job(registry, fresh).images]
 
 
 def results(futures: list[Future]) -> list:
     return [future.result(timeout=30) for future in futures]
 
 
-# -- batching ----------------------------------------------------------------------------------
+# -- step-level batching -----------------------------------------------------------------------
 
 
-def test_compatible_jobs_run_as_one_call_and_each_image_is_unchanged(registry):
+def test_jobs_with_different_steps_and_n_share_steps_and_each_image_is_unchanged(registry):
     observer = Observer()
-    engine = BatchingEngine(registry, max_batch_size=8, observer=observer)
-    jobs = [job("red", 1), job("green", 2, n=2), job("a blue sky", 3), job("purple", 9, n=3)]
-    futures = [engine.submit(j) for j in jobs]
-    engine.start()
+    eng = engine(registry, observer)
+    jobs = [job("red", 1, steps=3), job("green", 2, n=2, steps=9), job("a blue sky", 3, steps=5),
+            job("purple", 9, n=3, steps=4)]
+    futures = [eng.submit(j) for j in jobs]
+    eng.start()
     try:
         outcomes = results(futures)
     finally:
-        engine.stop()
-    assert observer.batches == [7]
-    assert all(o.batch_size == 7 for o in outcomes)
+        eng.stop()
+    assert max(observer.forwards) == 4  # the four shared their first steps' forward
+    assert max(observer.images) == 7
+    assert observer.steps == 3 + 9 + 5 + 4  # one report per job and step
+    assert set(observer.blocks) == {"text_encoder", "denoise", "decode"}
     for j, outcome in zip(jobs, outcomes, strict=True):
-        assert outcome.seeds == j.seeds
+        assert outcome.seeds == j.seeds and outcome.batch_size == 4
         assert [pixels(image) for image in outcome.images] == alone(registry, j)
 
 
-def test_batch_inputs_keep_one_generator_per_image_in_job_order(registry):
+def test_pipeline_inputs_give_one_prompt_and_generator_per_image(registry):
     model = registry.get("demo")
-    same_n = batch_inputs(model, [job("a", 1, n=2), job("b", 5, n=2)])
-    assert same_n["prompt"] == ["a", "b"] and same_n["num_images_per_prompt"] == 2
-    mixed = batch_inputs(model, [job("a", 1, n=2), job("b", 5)])
-    assert mixed["prompt"] == ["a", "a", "b"] and mixed["num_images_per_prompt"] == 1
-    expected = [torch.Generator().manual_seed(s).initial_seed() for s in (1, 2, 5)]
-    assert [g.initial_seed() for g in mixed["generator"]] == expected
-    assert "negative_prompt" not in mixed  # the demo has no such input
+    inputs = job("a", 5, n=3).pipeline_inputs(model.accepts)
+    assert inputs["prompt"] == ["a", "a", "a"] and inputs["num_images_per_prompt"] == 1
+    expected = [torch.Generator().manual_seed(s).initial_seed() for s in (5, 6, 7)]
+    assert [g.initial_seed() for g in inputs["generator"]] == expected
+    assert "negative_prompt" not in job("a", negative_prompt="x").pipeline_inputs(model.accepts)
 
 
-def test_incompatible_jobs_wait_their_turn_and_the_cap_splits_batches(registry):
+def test_a_lone_job_starts_at_once_and_a_later_one_joins_it_mid_loop(registry):
     observer = Observer()
-    engine = BatchingEngine(registry, max_batch_size=3, observer=observer)
-    jobs = [job("red", 1, n=2), job("red", 2, size=64), job("red", 3), job("red", 4),
-            job("red", 5, n=4)]
-    futures = [engine.submit(j) for j in jobs]
-    engine.start()
+    eng = engine(registry, observer)
+    late: list[Future] = []
+    later = job("blue", 2, steps=3)
+    first_listener = Recorder(at=2, action=lambda: late.append(eng.submit(later)))
+    first = job("red", 1, steps=12, listener=first_listener)
+    eng.start()
+    try:
+        started = time.monotonic()
+        outcome = eng.submit(first).result(timeout=30)
+        late_outcome = late[0].result(timeout=30)
+    finally:
+        eng.stop()
+    assert observer.waits[0] < 0.5 and time.monotonic() - started < 10  # no window to wait
+    assert late_outcome.batch_size == 2  # it shared steps with the running job
+    assert first_listener.steps == list(range(1, 13))
+    assert [pixels(i) for i in outcome.images] == alone(registry, first)
+    assert [pixels(i) for i in late_outcome.images] == alone(registry, later)
+
+
+def test_a_short_job_submitted_after_a_long_one_finishes_first(registry):
+    eng = engine(registry)
+    finished: list[str] = []
+    long, short = job("red", 1, steps=40), job("blue", 2, steps=3)
+    futures = [eng.submit(long), eng.submit(short)]
+    for name, future in zip(("long", "short"), futures, strict=True):
+        future.add_done_callback(lambda _, name=name: finished.append(name))
+    eng.start()
     try:
         results(futures)
     finally:
-        engine.stop()
-    # The oldest job always goes first, with what fits; n=4 > the cap of 3 runs alone.
-    assert observer.batches == [3, 1, 1, 4]
+        eng.stop()
+    assert finished == ["short", "long"]
 
 
-def test_edits_and_different_negative_prompt_presence_never_share_a_batch():
-    image = Image.new("RGB", (32, 32))
-    plain, edit = job("red"), job("red", image=image, strength=0.5)
-    other_edit = job("red", image=image, strength=0.5)
-    assert plain.batch_key != edit.batch_key != other_edit.batch_key
-    assert job("a").batch_key == job("b", seed=5, n=3).batch_key
-    assert job("a").batch_key != job("a", negative_prompt="x").batch_key
-    assert job("a", negative_prompt="x").batch_key == job("b", negative_prompt="y").batch_key
-
-
-def test_an_idle_engine_waits_the_window_for_batch_mates(registry):
+def test_pools_and_the_cap_decide_who_runs_the_rest_queue_in_order(registry):
     observer = Observer()
-    engine = BatchingEngine(registry, batch_window_s=0.3, observer=observer)
-    engine.start()
+    eng = engine(registry, observer, max_batch_size=3)
+    jobs = [job("red", 1, n=2, steps=6), job("red", 2, size=64, steps=6), job("red", 3, steps=6),
+            job("red", 4, steps=6), job("red", 5, n=4, steps=2)]
+    listeners = [Recorder() for _ in jobs]
+    for j, listener in zip(jobs, listeners, strict=True):
+        j.listener = listener
+    finished: list[int] = []
+    futures = [eng.submit(j) for j in jobs]
+    for index, future in enumerate(futures):
+        future.add_done_callback(lambda _, index=index: finished.append(index))
+    eng.start()
     try:
-        first = engine.submit(job("red", 1))
-        time.sleep(0.05)
-        second = engine.submit(job("blue", 2))
-        results([first, second])
+        results(futures)
     finally:
-        engine.stop()
-    assert observer.batches == [2]
+        eng.stop()
+    assert [listener.events[0] for listener in listeners] == [("queued", i) for i in range(5)]
+    # 32x32: the cap of 3 images takes jobs 0 and 2; job 3 waits for room, then job 4 (4
+    # images, over the cap) runs alone once its pool is empty. 64x64 is another pool: job 1
+    # never waits.
+    assert set(observer.images) == {1, 3, 4}
+    assert finished.index(3) > max(finished.index(0), finished.index(2))
+    assert finished[-1] == 4
 
 
-def test_two_workers_run_two_batches_at_once_on_their_own_pipelines(registry):
+def test_request_scheduling_runs_batches_whole_and_nobody_joins_mid_loop(registry):
     observer = Observer()
-    both_running = []
-    seen_pipelines = set()
+    eng = engine(registry, observer, scheduling="request")
+    late: list[Future] = []
+    later = job("blue", 2, steps=3)
+    first_listener = Recorder(at=2, action=lambda: late.append(eng.submit(later)))
+    first = job("red", 1, steps=8, listener=first_listener)
+    same = job("green", 3, steps=8)
+    futures = [eng.submit(first), eng.submit(same)]
+    eng.start()
+    try:
+        outcomes = results(futures)
+        late_outcome = late[0].result(timeout=30)
+    finally:
+        eng.stop()
+    assert [o.batch_size for o in outcomes] == [2, 2]  # the two equal jobs: one batch
+    assert late_outcome.batch_size == 1  # steps differ: it waited for the batch to end
+    assert [pixels(i) for i in late_outcome.images] == alone(registry, later)
 
-    def hook(jobs, step):  # both jobs are slow: each worker holds one while the other runs
-        both_running.append(engine.running)
-        seen_pipelines.add(id(registry.get("demo").pipeline(None, 0)))
-        time.sleep(0.05)
 
-    engine = BatchingEngine(registry, observer=observer, step_hook=hook, workers=2)
-    jobs = [job("red", 1, steps=4), job("blue", 2, steps=4, size=64)]  # incompatible
-    futures = [engine.submit(j) for j in jobs]
-    engine.start()
+def test_two_workers_step_at_once_on_their_own_pipelines(registry):
+    seen = set()
+
+    def hook(jobs, step):
+        seen.add(id(registry.get("demo").pipeline(eng._runner.worker())))
+        time.sleep(0.02)
+
+    eng = Engine(registry, LocalRunner(workers=2), max_batch_size=1, step_hook=hook)
+    jobs = [job("red", 1, steps=6), job("blue", 2, steps=6)]
+    futures = [eng.submit(j) for j in jobs]
+    eng.start()
     try:
         outcomes = results(futures)
     finally:
-        engine.stop()
-    assert sorted(observer.batches) == [1, 1]
-    assert 2 in both_running  # at some step both batches were running
+        eng.stop()
+    assert len(seen) == 2  # each worker used its own pipeline
     for j, outcome in zip(jobs, outcomes, strict=True):
         assert [pixels(image) for image in outcome.images] == alone(registry, j)
     model = registry.get("demo")
-    assert model.pipeline(None, 1) is not model.pipeline(None, 0) is model.base
-    assert model.pipeline(None, 1) is model.pipeline(None, 1)  # made once per worker
+    assert model.pipeline(1) is not model.pipeline(0) is model.base
+    assert model.pipeline(1) is model.pipeline(1)  # made once per worker
 
 
-def test_worker_pipelines_share_weights_and_copy_the_rest(tmp_path):
+def test_worker_pipelines_share_weights_and_requests_get_their_own_scheduler(tmp_path):
     from blocks.stable_diffusion.tiny_model import write_tiny_sd
 
     checkpoint = write_tiny_sd(tmp_path / "sd")
     models = parse_models({"models": {"sd": {"family": "sd", "path": str(checkpoint),
                                              "defaults": {"size": "32x32"},
                                              "sizes": ["32x32"]}}}, tmp_path)
-    model = ModelRegistry(models).load("sd")
-    first, second = model.pipeline(None, 0), model.pipeline(None, 1)
+    registry = ModelRegistry(models)
+    model = registry.load("sd")
+    first, second = model.pipeline(0), model.pipeline(1)
     assert second.unet is first.unet and second.vae is first.vae  # one copy of the weights
     assert second.tokenizer is not first.tokenizer  # not shared between threads
-    assert second.scheduler is not first.scheduler  # per-call state (timesteps)
-    assert second.scheduler.config == first.scheduler.config
-    assert model.pipeline("euler", 1).unet is first.unet
-    made = []
-    for worker in (0, 1):
-        sd_job = GenerationJob(model="sd", workflow="text2image", prompt="a cat", n=1, width=32,
-                               height=32, steps=2, seed=3)
-        outcome = run_batch(model, [sd_job], worker=worker)[0]
-        made.append(pixels(outcome.images[0]))
-    assert made[0] == made[1]  # either worker makes the same bytes
+    one, other = model.new_scheduler(), model.new_scheduler()
+    assert one is not other is not first.scheduler and one.config == first.scheduler.config
+    assert type(model.new_scheduler("euler")).__name__ == "EulerDiscreteScheduler"
+    with pytest.raises(ValueError, match="not one of"):
+        model.new_scheduler("nope")
 
 
-def test_workers_must_be_at_least_one(registry):
+def test_workers_must_be_at_least_one():
     with pytest.raises(ValueError, match="workers must be at least 1"):
-        BatchingEngine(registry, workers=0)
+        LocalRunner(workers=0)
 
 
 # -- back-pressure, cancellation, timeouts, failures -------------------------------------------
@@ -225,103 +277,99 @@ def test_workers_must_be_at_least_one(registry):
 
 def test_a_full_queue_raises_queue_full_and_a_cancelled_job_frees_its_slot(registry):
     observer = Observer()
-    engine = BatchingEngine(registry, queue_size=2, observer=observer)
+    eng = engine(registry, observer, queue_size=2)
     first, second = job("red"), job("blue")
-    first_future = engine.submit(first)
-    engine.submit(second)
+    first_future = eng.submit(first)
+    eng.submit(second)
     with pytest.raises(QueueFull) as full:
-        engine.submit(job("green"))
+        eng.submit(job("green"))
     assert full.value.retry_after >= 1
-    assert engine.cancel(first) and engine.queued == 1
+    assert eng.position(second) == 1
+    assert eng.cancel(first) and eng.queued == 1 and eng.position(second) == 0
     with pytest.raises(GenerationCancelled):
         first_future.result(timeout=1)
     assert observer.stopped == [("cancelled", "queued")]
-    engine.submit(job("green"))  # the slot is free
-    engine.stop()
+    eng.submit(job("green"))  # the slot is free
+    eng.stop()
     with pytest.raises(EngineStopped):
-        engine.submit(job("late"))
+        eng.submit(job("late"))
 
 
 def test_stop_fails_queued_jobs(registry):
-    engine = BatchingEngine(registry)
-    future = engine.submit(job("red"))
-    engine.stop()
+    eng = engine(registry)
+    future = eng.submit(job("red"))
+    eng.stop()
     with pytest.raises(EngineStopped):
         future.result(timeout=1)
 
 
-def test_cancelling_one_member_leaves_its_batch_mates_running(registry):
+def test_cancelling_one_job_mid_loop_leaves_the_others_unchanged(registry):
     observer = Observer()
-    engine = BatchingEngine(registry, observer=observer)
-    quitter_listener = Recorder(cancel_at=2, engine=engine)
-    quitter = job("red", 1, steps=6, listener=quitter_listener)
-    quitter_listener.job = quitter
-    stayer_listener = Recorder()
-    stayer = job("blue", 2, steps=6, listener=stayer_listener)
-    futures = [engine.submit(quitter), engine.submit(stayer)]
-    engine.start()
+    eng = engine(registry, observer)
+    quitter = job("red", 1, steps=8)
+    quitter.listener = Recorder(at=3, action=lambda: eng.cancel(quitter))
+    stayer = job("blue", 2, steps=8, listener=Recorder())
+    futures = [eng.submit(quitter), eng.submit(stayer)]
+    eng.start()
     try:
         with pytest.raises(GenerationCancelled):
             futures[0].result(timeout=30)
         kept = futures[1].result(timeout=30)
     finally:
-        engine.stop()
-    assert observer.batches == [2]
-    assert [e[1] for e in quitter_listener.events if e[0] == "progress"] == [1, 2]
-    assert [e[1] for e in stayer_listener.events if e[0] == "progress"] == [1, 2, 3, 4, 5, 6]
+        eng.stop()
+    assert quitter.listener.steps[-1] in (3, 4)  # stopped at its next step
+    assert stayer.listener.steps == list(range(1, 9))
+    assert kept.batch_size == 2
     assert [pixels(image) for image in kept.images] == alone(registry, stayer)
     assert observer.stopped == [("cancelled", "running")]
 
 
-def test_when_every_member_is_cancelled_the_call_stops_at_the_next_step(registry):
-    engine = BatchingEngine(registry)
-    listener = Recorder(cancel_at=2, engine=engine)
-    lone = job("red", steps=50, listener=listener)
-    listener.job = lone
-    future = engine.submit(lone)
-    engine.start()
-    try:
-        with pytest.raises(GenerationCancelled):
-            future.result(timeout=30)
-    finally:
-        engine.stop()
-    assert [e[1] for e in listener.events if e[0] == "progress"] == [1, 2]
-
-
 def test_a_job_past_its_deadline_times_out_queued_or_running(registry):
     observer = Observer()
-    engine = BatchingEngine(registry, observer=observer,
-                            step_hook=lambda jobs, step: time.sleep(0.02))
-    running = job("red", steps=100, timeout_seconds=0.2)
-    queued = job("blue", steps=2, size=64, timeout_seconds=0.1)  # behind `running`
-    futures = [engine.submit(running), engine.submit(queued)]
-    engine.start()
+    eng = engine(registry, observer, max_batch_size=1,
+                 step_hook=lambda jobs, step: time.sleep(0.02))
+    running = job("red", steps=100, timeout_seconds=0.3)
+    queued = job("blue", steps=2, timeout_seconds=0.1)  # behind `running`: its pool is full
+    futures = [eng.submit(running), eng.submit(queued)]
+    eng.start()
     try:
         with pytest.raises(GenerationTimedOut):
             futures[1].result(timeout=30)
         with pytest.raises(GenerationTimedOut) as stopped:
             futures[0].result(timeout=30)
     finally:
-        engine.stop()
+        eng.stop()
     assert 0 < stopped.value.step < 100
     assert sorted(observer.stopped) == [(TIMEOUT, "queued"), (TIMEOUT, "running")]
 
 
-def test_a_failing_member_is_isolated_by_running_each_alone(registry):
-    observer = Observer()
-    engine = BatchingEngine(registry, observer=observer, step_hook=fault_injection_hook)
+def test_a_failing_job_fails_alone(registry):
+    eng = engine(registry, step_hook=fault_injection_hook)
     jobs = [job("red", 1), job("green [[fail]]", 2), job("blue", 3)]
-    futures = [engine.submit(j) for j in jobs]
-    engine.start()
+    futures = [eng.submit(j) for j in jobs]
+    eng.start()
     try:
         with pytest.raises(InjectedFault):
             futures[1].result(timeout=30)
         good = [futures[0].result(timeout=30), futures[2].result(timeout=30)]
     finally:
-        engine.stop()
-    assert observer.batches == [3, 1, 1, 1]  # the batch, then each alone
+        eng.stop()
     for j, outcome in zip((jobs[0], jobs[2]), good, strict=True):
+        assert outcome.batch_size == 3
         assert [pixels(image) for image in outcome.images] == alone(registry, j)
+
+
+def test_bad_input_fails_its_job_only(registry):
+    eng = engine(registry)
+    bad = job("red", 1, steps=3, scheduler="nope")  # the routes would have caught it
+    futures = [eng.submit(bad), eng.submit(job("blue", 2))]
+    eng.start()
+    try:
+        with pytest.raises(ValueError, match="scheduler 'nope'"):
+            futures[0].result(timeout=30)
+        futures[1].result(timeout=30)
+    finally:
+        eng.stop()
 
 
 # -- records, store and previews ---------------------------------------------------------------
@@ -375,6 +423,22 @@ def test_partial_image_steps_are_spread_and_before_the_last():
     assert partial_steps(4, 3) == {1, 2, 3}
     assert partial_steps(2, 3) == {1}
     assert partial_steps(10, 0) == set()
+
+
+def test_previews_come_with_the_steps_that_ask_for_them(registry):
+    listener = Recorder()
+    previewed = job("red", 1, steps=4, listener=listener,
+                    wants_preview=lambda step, total: step % 2 == 0)
+    eng = engine(registry)
+    eng.start()
+    try:
+        eng.submit(previewed).result(timeout=30)
+    finally:
+        eng.stop()
+    shown = [(e[1], e[3] is not None) for e in listener.events if e[0] == "progress"]
+    assert shown == [(1, False), (2, True), (3, False), (4, True)]
+    preview = next(e[3] for e in listener.events if e[0] == "progress" and e[3])[0]
+    assert preview.size == (32, 32)  # the demo denoises pixels
 
 
 def test_latent_previews():

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service.batch import run_job
+from service.engine import run_job
 from service.errors import APIError, validation_error
 from service.image_io import decode_base64_image, decode_image, mask_for_pipeline
 from service.models_file import parse_models
@@ -77,9 +77,9 @@ def test_seeds_are_consecutive(demo):
     assert job.seeds == [10, 11, 12]
 
 
-def test_a_job_runs_and_makes_the_asked_images(demo):
+def test_a_job_runs_and_makes_the_asked_images(registry, demo):
     job = build_job(gen(n=2, seed=1, size="64x64"), demo)
-    result = run_job(demo, job)
+    result = run_job(registry, job)
     assert [im.size for im in result.images] == [(64, 64)] * 2
     assert result.seeds == [1, 2]
 
@@ -165,14 +165,14 @@ def test_edit_workflows(demo, inpainter):
     assert edit_workflow(inpainter, has_mask=True) == "inpaint"
 
 
-def test_edit_image_is_resized_and_size_defaults_to_the_image(demo):
+def test_edit_image_is_resized_and_size_defaults_to_the_image(registry, demo):
     job = build_job(edit(seed=1), demo, "image2image", image((64, 64), "RGBA"))
     assert (job.width, job.height) == (64, 64)
     assert job.image.size == (64, 64) and job.image.mode == "RGB"
     job = build_job(edit(seed=1), demo, "image2image", image((48, 40)))
     assert (job.width, job.height) == (32, 32)  # not an allowed size: the default
     assert job.image.size == (32, 32)
-    assert run_job(demo, job).images[0].size == (32, 32)
+    assert run_job(registry, job).images[0].size == (32, 32)
 
 
 def test_strength_times_steps_must_leave_a_step(demo):
