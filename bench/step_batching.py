@@ -24,7 +24,7 @@ scheduler (thread hand-offs, per-step reports) against a plain pipeline call. Go
 Models: the trained default model (tiny-shapes-sd, 64x64, guidance 5) and a random-weight
 tiny SD (32x32, guidance 7.5), both on the CPU.
 
-    python bench/step_batching.py [--models shapes tiny-sd] [--rates 1 2 4 8] [--duration 20]
+    python bench/step_batching.py [--models shapes tiny-sd] [--rates R ...] [--duration 20]
         [--rounds 1] [--seed 0] [--threads 1] [--workers 1] [--boundary] [--repeats 15]
 """
 
@@ -52,9 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180.0
 CLASSES = (4, 20)
 MODES = ("step", "request")
-MODELS = {  # name: (models-file entry, size, guidance)
-    "shapes": ("tiny-shapes-sd", 64, 5.0),
-    "tiny-sd": ("tiny-sd", 32, 7.5),
+MODELS = {  # name: (models-file entry, size, guidance, default rates per second)
+    "shapes": ("tiny-shapes-sd", 64, 5.0, (1.0, 2.0, 4.0, 6.0, 8.0)),
+    "tiny-sd": ("tiny-sd", 32, 7.5, (2.0, 5.0, 10.0, 20.0, 30.0)),
 }
 
 
@@ -354,8 +354,8 @@ def boundary(checkpoint: Path, size: int, guidance: float, repeats: int) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0],
-                        help="requests per second (open loop)")
+    parser.add_argument("--rates", type=float, nargs="+",
+                        help="requests per second (open loop); default: per model")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals")
     parser.add_argument("--rounds", type=int, default=1, help="runs per mode and rate")
     parser.add_argument("--seed", type=int, default=0)
@@ -390,12 +390,12 @@ def main() -> None:
               f"steps (seed {args.seed}), {args.rounds} run(s) per mode and rate, "
               f"{args.workers} worker(s) x {args.threads} torch thread(s)")
         for key in args.models:
-            model, size, guidance = MODELS[key]
+            model, size, guidance, default_rates = MODELS[key]
             base = {mode: unloaded(server, model, size, guidance)
                     for mode, server in by_mode.items()}
             results: dict[float, dict[str, Run]] = {}
             turn = 0
-            for rate in args.rates:
+            for rate in args.rates or default_rates:
                 results[rate] = {mode: Run() for mode in MODES}
                 for round_ in range(args.rounds):
                     arrivals = schedule(rate, args.duration, args.seed + round_)

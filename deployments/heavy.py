@@ -138,9 +138,8 @@ class _Stream:
 class Denoiser(_RoleDeployment):
     role = "Denoiser"
 
-    def __init__(self, models: dict[str, dict[str, Any]],
-                 weight_pool: WeightPoolConfig | None = None,
-                 batch_window_s: float = 0.005) -> None:
+    def __init__(self, models: dict[str, dict[str, Any]], weight_pool: WeightPoolConfig,
+                 batch_window_s: float) -> None:
         super().__init__(models, weight_pool)
         self.scheduler = StepScheduler(workers=1, batch_window_s=batch_window_s,
                                        name="blockserve-denoiser")

@@ -135,7 +135,7 @@ class DenoiseTask:
 class StepScheduler:
     """Workers that admit, step and finish `DenoiseTask`s (module docstring)."""
 
-    def __init__(self, workers: int = 1, batch_window_s: float = 0.005,
+    def __init__(self, workers: int, batch_window_s: float,
                  name: str = "blockserve-steps") -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")

@@ -64,11 +64,11 @@ from service.jobs import CANCELLED, GenerationJob, GenerationResult
 from service.merged_calls import Member, run_merged
 from service.placement import DenoiseRequest, Runner
 from service.registry import LoadedModel, ModelRegistry
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING = "queued", "running"  # where a job was when it stopped (a metric label)
-DEFAULT_MAX_BATCH_SIZE = 8
 
 # (the jobs, the 0-based step just finished); may raise to fail those jobs (test hooks).
 StepHook = Callable[[Sequence[GenerationJob], int], None]
@@ -171,7 +171,7 @@ class Engine:
         registry: ModelRegistry,
         runner: Runner,
         queue_size: int = 64,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batch_size: int = Settings.model_fields["max_batch_size"].default,
         scheduling: Policy = "step",
         observer: EngineObserver | None = None,
         step_hook: StepHook | None = None,
@@ -556,6 +556,8 @@ class Engine:
         if isinstance(error, TaskStopped) or entry.job.cancelled.is_set():
             self._stopped(entry, entry.job.stop_error(entry.step), RUNNING)
             return
+        if self._stopping:  # the runner failed it because the engine is stopping
+            error = EngineStopped("the server is shutting down")
         if self._release(entry):
             _resolve(entry.future, error=error)
 

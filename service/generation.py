@@ -116,9 +116,10 @@ async def images_response(ctx: ServiceContext, fields: ImageRequestFields, job: 
         else:
             data.append({"b64_json": b64(blob), "seed": seed})
     ctx.metrics.images_generated.labels(job.model).inc(len(result.images))
-    logger.info("request %s: %s %s n=%d %dx%d steps=%d seed=%d in %.2fs (batch of %d, user "
-                "%s)", request_id, job.model, job.workflow, job.n, job.width, job.height,
-                job.steps, job.seed, result.seconds, result.batch_size, end_user(fields) or "-")
+    logger.info("request %s: %s %s n=%d %dx%d steps=%d seed=%d in %.2fs (steps shared by up to "
+                "%d requests, user %s)", request_id, job.model, job.workflow, job.n, job.width,
+                job.height, job.steps, job.seed, result.seconds, result.batch_size,
+                end_user(fields) or "-")
     response = {"created": int(time.time()), "data": data, "model": job.model,
                 "size": f"{job.width}x{job.height}", "output_format": output_format,
                 "quality": quality_label(fields.quality), "background": "opaque",

@@ -29,6 +29,7 @@ from blocks import ModularPipelineBlocks, PipelineState
 from blocks.latent_rgb import LatentRGB
 from deployments.step_scheduler import DenoiseTask, StepScheduler, TaskListener, TaskOptions
 from service.latent_rgb import factors_for
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ def share_cores(workers: int) -> None:
 class LocalRunner:
     """Embedded mode: a step scheduler's workers run the denoise loops and every other stage."""
 
-    def __init__(self, workers: int = 1, batch_window_s: float = 0.005) -> None:
+    def __init__(self, workers: int = 1,
+                 batch_window_s: float = Settings.model_fields["batch_window_ms"].default / 1000
+                 ) -> None:
         self.scheduler = StepScheduler(workers=workers, batch_window_s=batch_window_s)
 
     def start(self) -> None:
@@ -144,7 +147,7 @@ class EmbeddedPlacement:
                          ) -> ModularPipelineBlocks:
         return blocks
 
-    def make_runner(self, settings: Any) -> LocalRunner:
+    def make_runner(self, settings: Settings) -> LocalRunner:
         return LocalRunner(workers=settings.workers,
                            batch_window_s=settings.batch_window_ms / 1000)
 

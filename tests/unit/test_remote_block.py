@@ -193,7 +193,7 @@ def test_the_denoise_block_streams_its_steps_and_shares_forwards_bit_exactly(set
     requests = [(3, 2), (4, 5)]  # (seed, steps)
 
     def run(together: bool) -> tuple[list, list]:
-        scheduler = StepScheduler()
+        scheduler = StepScheduler(workers=1, batch_window_s=0.0)
         handle = FakeHandle(hosts["Denoiser"], scheduler)
         outcomes: list = [None] * len(requests)
         reports: list[list[StepReport]] = [[] for _ in requests]
@@ -236,7 +236,7 @@ def test_the_denoise_block_streams_its_steps_and_shares_forwards_bit_exactly(set
 
 def test_cancelling_a_stream_stops_its_request_at_the_next_step(setup):
     _, remote, hosts, _ = setup
-    scheduler = StepScheduler()
+    scheduler = StepScheduler(workers=1, batch_window_s=0.0)
     scheduler.start()
     try:
         denoise, state = _encoded(remote, 7, 40)
