@@ -35,10 +35,7 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +46,10 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 180.0
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve_throughput import Server, free_port, start, wait_ready  # noqa: E402
+
 CLASSES = (4, 20)
 MODES = ("step", "request")
 MODELS = {  # name: (models-file entry, size, guidance, default rates per second)
@@ -92,29 +92,6 @@ class Run:
         return self.forward_requests / self.forwards if self.forwards else float("nan")
 
 
-@dataclass
-class Server:
-    name: str
-    base_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(mode: str, models: Path, folder: Path, threads: int, workers: int) -> Server:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads * workers), "HF_HUB_OFFLINE": "1",
@@ -124,23 +101,10 @@ def start_server(mode: str, models: Path, folder: Path, threads: int, workers: i
            "BLOCKSERVE_CACHE_DIR": str(folder / "cache")}
     script = Path(sys.executable).with_name("blockserve")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    log_path = folder / f"{mode}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([*command, "serve", "--models", str(models), "--port",
-                                    str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   cwd=ROOT, start_new_session=True)
-    server = Server(mode, f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{mode} server exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(server.base_url + "/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{mode} server not ready after {READY_TIMEOUT_S}s")
+    server = start(mode, [*command, "serve", "--models", str(models), "--port", str(port)],
+                   env, folder, port)
+    wait_ready(server, "/readyz")
+    return server
 
 
 def forward_totals(server: Server, model: str) -> tuple[float, float]:
