@@ -87,12 +87,17 @@ class BlockHost:
 
     def components(self, call: BlockCall) -> ComponentsView:
         """What `call`'s block runs with: the model's pipeline, the call's weight-free
-        components in front, pooled modules held resident while a block uses them."""
+        components in front, pooled modules held resident while a block uses them, and the
+        model's device as the execution device."""
         if call.model not in self.pipelines:
             raise ValueError(f"{self.role}: model {call.model!r} is not hosted here; hosted: "
                              f"{', '.join(sorted(self.pipelines)) or '(none)'}")
         pipe = self.pipelines[call.model]
-        overrides = dict(call.components)
+        # The device the model runs on, said once: a pipeline infers it from its first
+        # module's parameters, which are on the meta device while the pool has them offloaded
+        # (a block that uses no module, e.g. setting timesteps, would put tensors there).
+        overrides = {"_execution_device": torch.device(self.devices[call.model]),
+                     **call.components}
         if self.pool is not None:
             pool, model = self.pool, call.model
 

@@ -19,6 +19,7 @@ from blocks.batch_invariance import batch_invariant
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
 from deployments.block_host import BlockHost
 from deployments.remote_block import (
+    BlockCall,
     BlockResult,
     RemoteBlock,
     ReplicaUnavailable,
@@ -142,6 +143,17 @@ def test_hosts_load_only_their_roles_components(setup):
     assert set(hosts["TextEncoder"].loaded()[MODEL]) & heavy == {"text_encoder"}
     assert {n for n, c in remote.components.items() if c is not None} <= {"scheduler"}
     assert isinstance(remote.blocks.sub_blocks["denoise"], RemoteBlock)
+
+
+def test_a_hosts_execution_device_is_its_models_even_while_its_modules_are_offloaded(setup):
+    # The weight pool offloads an idle module to the meta device; a block that uses no module
+    # (setting the timesteps) must still put its tensors on the model's device.
+    path = setup[3]
+    host = BlockHost("Denoiser", {MODEL: {"path": path, "dtype": "float32", "device": "cpu"}})
+    host.pipelines[MODEL].components["unet"].to("meta")
+    assert host.pipelines[MODEL]._execution_device == torch.device("meta")
+    components = host.components(BlockCall(MODEL, "denoise", []))
+    assert components._execution_device == torch.device("cpu")
 
 
 def test_same_pixels_and_generator_state_as_in_process(setup):

@@ -147,8 +147,21 @@ def test_a_lone_job_starts_at_once_and_a_later_one_joins_it_mid_loop(registry):
     observer = Observer()
     eng = engine(registry, observer)
     late: list[Future] = []
-    later = job("blue", 2, steps=3)
-    first_listener = Recorder(at=2, action=lambda: late.append(eng.submit(later)))
+    later_listener = Recorder()
+    later = job("blue", 2, steps=3, listener=later_listener)
+
+    def submit_later() -> None:
+        # On the worker, between steps 2 and 3: hold the running job until the engine has
+        # admitted the later one and queued its text encoding (which the worker runs before
+        # its next step), so that a busy machine's slow engine thread cannot let the first
+        # job finish alone.
+        late.append(eng.submit(later))
+        deadline = time.monotonic() + 10
+        while ("started",) not in later_listener.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+
+    first_listener = Recorder(at=2, action=submit_later)
     first = job("red", 1, steps=12, listener=first_listener)
     eng.start()
     try:
@@ -209,8 +222,21 @@ def test_request_scheduling_runs_batches_whole_and_nobody_joins_mid_loop(registr
     observer = Observer()
     eng = engine(registry, observer, scheduling="request")
     late: list[Future] = []
-    later = job("blue", 2, steps=3)
-    first_listener = Recorder(at=2, action=lambda: late.append(eng.submit(later)))
+    later_listener = Recorder()
+    later = job("blue", 2, steps=3, listener=later_listener)
+
+    def submit_later() -> None:
+        # On the worker, between steps 2 and 3: hold the running job until the engine has
+        # admitted the later one and queued its text encoding (which the worker runs before
+        # its next step), so that a busy machine's slow engine thread cannot let the first
+        # job finish alone.
+        late.append(eng.submit(later))
+        deadline = time.monotonic() + 10
+        while ("started",) not in later_listener.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+
+    first_listener = Recorder(at=2, action=submit_later)
     first = job("red", 1, steps=8, listener=first_listener)
     same = job("green", 3, steps=8)
     futures = [eng.submit(first), eng.submit(same)]
