@@ -60,6 +60,8 @@ def create_app(
     `placement` (default: embedded) says where blocks run."""
     settings = settings if settings is not None else Settings.from_env()
     models = models if models is not None else load_models_file(settings.models_file)
+    # An ingress behind Ray Serve (any placement passed in) behaves as one: see lifespan.
+    behind_serve = placement is not None
     placement = placement if placement is not None else EmbeddedPlacement()
     manager = ComponentsManager()
     metrics = ServiceMetrics(manager)
@@ -99,7 +101,7 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         loading = registry.start_loading()
-        if placement is not None:
+        if behind_serve:
             # A Serve replica takes traffic once its startup returns (Serve has no readiness
             # probe of its own), so a Ray-mode ingress starts only once its models are loaded
             # (or failed): a replica added by autoscaling must not answer "still loading".
@@ -123,6 +125,6 @@ def create_app(
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics, read_timeout_s=settings.read_timeout_seconds,
                        # Ray Serve's proxy returns the request id itself (the same one).
-                       echo_request_id=placement is None)
+                       echo_request_id=not behind_serve)
     app.openapi = lambda: build_openapi(app, registry)  # type: ignore[method-assign]
     return app

@@ -79,6 +79,8 @@ async def get_model(
     if loaded.loras is not None:
         detail["loras"] = loaded.loras.describe()
     placement = getattr(request.app.state, "placement", None)
-    if placement is not None:  # Ray mode: where its heavy blocks run
-        detail["placement"] = await run_in_threadpool(placement.describe, model_id)
+    described = None if placement is None else \
+        await run_in_threadpool(placement.describe, model_id)
+    if described is not None:  # Ray mode: where its heavy blocks run
+        detail["placement"] = described
     return detail
