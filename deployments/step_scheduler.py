@@ -48,6 +48,7 @@ import torch
 
 from blocks.batch_invariance import batch_invariant
 from blocks.block import ModularPipelineBlocks
+from blocks.lora import adapters_for_call
 from blocks.state import PipelineState
 from blocks.stepping import BlockRun, LoopRun, StepForward, step_together
 
@@ -219,6 +220,12 @@ class StepScheduler:
 
     def _work_loop(self, index: int) -> None:
         self._local.index = index
+        # Served requests get no LoRA adapters but the ones they name (a work item running a
+        # request with adapters sets its own): a pipeline's active sets apply to none.
+        with adapters_for_call({}):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 item = self._next()
