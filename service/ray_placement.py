@@ -353,11 +353,12 @@ def init_local_ray(**options: Any) -> None:
     reach the machine could call. With clusters switched off
     (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, what Ray does on macOS and Windows) the node's
     address is 127.0.0.1 and each of them binds it. Set in the environment so the processes
-    Ray starts inherit it. A real cluster is started by `ray start`, not here.
+    Ray starts inherit it; Ray reads it when it is first imported, so it only takes effect in
+    a process that had not imported ray before. A real cluster is started by `ray start`.
     """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(include_dashboard=False, configure_logging=False, **options)
 
 
@@ -371,6 +372,8 @@ def serve_ray(settings: Settings, config_path: Path | None = None,
     then Serve and the cluster shut down."""
     import signal
 
+    # Ray reads this when it is first imported: set before `import ray` (see init_local_ray).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     import yaml
     from ray import serve

@@ -664,8 +664,10 @@ def test_jobs_refused_by_a_full_queue_are_counted(hostile: LiveServer) -> None:
     refused = 0
     with hostile.client() as client:
         ids = []
+        # demo-solo runs one image at a time: one job runs, QUEUE_SIZE wait, the rest are
+        # refused (with "demo" the step scheduler would admit them all into its batch).
         for seed in range(QUEUE_SIZE + 4):
-            response = client.post(JOBS, json={"model": "demo", "seed": seed,
+            response = client.post(JOBS, json={"model": "demo-solo", "seed": seed,
                                                "prompt": "x [[slow:300ms]]",
                                                "num_inference_steps": 20})
             if response.status_code == 202:
