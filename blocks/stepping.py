@@ -26,11 +26,18 @@ requests, concatenated) and `take_outputs` (per request: its slice of the output
 guidance). Its `__call__`, which a plain pipeline call runs, is those three for one request, so
 the library computes exactly what it computed before; `step_together` runs them for many.
 `run_forwards` is the one place where rows become model calls: rows with equal `key`s share a
-call, and a `ForwardPlan` may split a group into several sub-forwards. This is where later
-per-sample features attach: `ForwardRows.extras` carries per-request values into the batch
-(`ForwardBatch.extras`, `.rows`), e.g. an adapter set and scale per request applied per sample
-inside one forward, and a plan may send some requests to a full forward and others to a cached
-one. Nothing uses extras or plans yet.
+call, and a `ForwardPlan` may split a group into several sub-forwards.
+
+**Per-request features.** A run's `extras` (`LoopRun.extras`) go with each of its rows
+(`ForwardRows.extras`, then `ForwardBatch.extras`), and `run_forwards` applies them per sample
+inside the shared forwards:
+
+- `extras[ADAPTERS]` (adapter name -> scale): the request's LoRA adapters, applied to its rows
+  only (`blocks.lora.adapters_per_sample`, rows expanded per request); rows of requests
+  without adapters get none, whatever the thread's or the model's active adapters;
+- `extras[STEP_CACHE]` (a `blocks.step_cache.StepCache`): the request's step-cache memory and
+  decisions; a group holding any goes through `blocks.step_cache.run_cached`, which splits it
+  into full and cached sub-forwards (one slot per pass index).
 
 Bit for bit: under `blocks.batch_invariance.batch_invariant()` every sample of a forward is
 computed independently of the others, and with `same_layout=True` its rows reach the model in
@@ -56,13 +63,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from blocks.block import ModularPipelineBlocks, block_path, run_block
+from blocks.lora import adapters_per_sample
 from blocks.state import BlockState, PipelineState
+from blocks.step_cache import CachedMember, cacheable_component, run_cached
+from blocks.step_cache.hooks import ProbeDone, cache_call, current_call
 
 if TYPE_CHECKING:
     from blocks.composites import LoopSequentialPipelineBlocks
 
 
 # -- the forward seam ------------------------------------------------------------------------
+
+# Keys of the per-request values `run_forwards` applies per sample (module docstring).
+ADAPTERS = "loras"  # {adapter name: scale}
+STEP_CACHE = "step_cache"  # a blocks.step_cache.StepCache
 
 
 @dataclass
@@ -72,8 +86,8 @@ class ForwardRows:
     `inputs` are tensors of `rows` rows each (`(R, ...)`), concatenated with other requests'
     along dim 0; a timestep is one of them, one per row. `options` are passed to the model as
     they are: every request sharing the forward must have equal ones, which `key` guarantees
-    (rows with equal keys may share a forward). `extras`: per-request values a forward may
-    apply per sample (none yet; see the module docstring)."""
+    (rows with equal keys may share a forward). `extras`: per-request values applied per
+    sample (`ADAPTERS`, `STEP_CACHE`; the module docstring)."""
 
     key: Hashable
     inputs: dict[str, torch.Tensor]
@@ -165,9 +179,11 @@ def run_forwards(
     """Run the passes of several requests (`requests[r]`: request r's rows per pass, with
     `components[r]`) as few model calls as their keys allow; returns each request's outputs
     per pass, or the error its forward failed with. A group whose call fails is retried one
-    request at a time, so only a request whose own forward fails gets an error.
+    request at a time, so only a request whose own forward fails gets an error. Rows' extras
+    apply per sample (module docstring).
 
-    `on_forward(requests, rows, seconds)` is told about each model call made;
+    `on_forward(requests, rows, seconds)` is told about each model call made (a step cache's
+    probe forwards, which stop early, are not calls);
     `same_layout` is `ForwardBatch.of`'s."""
     outputs: list[list[Any] | BaseException] = [[None] * len(passes) for passes in requests]
     groups: dict[Hashable, list[tuple[int, int]]] = {}
@@ -175,15 +191,19 @@ def run_forwards(
         for p, rows in enumerate(passes):
             groups.setdefault(rows.key, []).append((r, p))
 
+    def alive(members: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(r, p) for r, p in members if not isinstance(outputs[r], BaseException)]
+
     def call(members: list[tuple[int, int]]) -> bool:
         """One forward for `members` (request, pass); False if the model call failed."""
-        live = [(r, p) for r, p in members if not isinstance(outputs[r], BaseException)]
+        live = alive(members)
         if not live:
             return True
         batch = ForwardBatch.of([requests[r][p] for r, p in live], same_layout)
         start = time.perf_counter()
         try:
-            result = forwarder.forward(components[live[0][0]], batch)
+            with _adapters(batch):
+                result = forwarder.forward(components[live[0][0]], batch)
         except Exception as error:  # isolated per request by the caller
             if len(live) == 1:
                 outputs[live[0][0]] = error
@@ -194,13 +214,62 @@ def run_forwards(
             outputs[r][p] = part  # type: ignore[index]
         return True
 
+    def shared(members: list[tuple[int, int]]) -> None:
+        """One forward for `members`; if it fails, one per member (under the step cache's
+        call narrowed to that member, when one is active)."""
+        caching = current_call()
+        if not call(members) and len(members) > 1:
+            for position, member in enumerate(members):
+                with cache_call(None if caching is None else caching.member(position)):
+                    try:
+                        call([member])
+                    except ProbeDone:  # this member's probe measured what it needed
+                        pass
+        if caching is not None and caching.mode == "probe":
+            # The probe is over, whoever's forward failed (`run_cached` expects it to stop).
+            raise ProbeDone
+
+    def cached(members: list[tuple[int, int]], caches: list[Any]) -> None:
+        """`members`' forward through their step caches: full and cached sub-forwards."""
+        try:
+            model = _cache_model(forwarder, components[members[0][0]])
+            run_cached(model, [CachedMember(cache, p, requests[r][p].rows)
+                               for (r, p), cache in zip(members, caches, strict=True)],
+                       lambda indices: shared([members[k] for k in indices]))
+        except Exception as error:  # not a model call's failure: every member fails
+            for r, _ in alive(members):
+                outputs[r] = error
+
     for members in groups.values():
         for indices in plan([requests[r][p] for r, p in members]):
-            chosen = [members[k] for k in indices]
-            if not call(chosen) and len(chosen) > 1:
-                for member in chosen:  # the shared call failed: each request alone
-                    call([member])
+            # A request whose earlier pass failed is out (its cache slots would not match).
+            chosen = alive([members[k] for k in indices])
+            caches = [requests[r][p].extras.get(STEP_CACHE) for r, p in chosen]
+            if any(cache is not None for cache in caches):
+                cached(chosen, caches)
+            elif chosen:
+                shared(chosen)
     return outputs  # type: ignore[return-value]
+
+
+def _adapters(batch: ForwardBatch) -> contextlib.AbstractContextManager[None]:
+    """The batch's LoRA adapters per row, when any request has some (module docstring)."""
+    sets = [extras.get(ADAPTERS) or {} for extras in batch.extras]
+    if not any(sets):
+        return contextlib.nullcontext()
+    return adapters_per_sample([adapters for adapters, rows in zip(sets, batch.rows, strict=True)
+                                for _ in range(rows)])
+
+
+def _cache_model(forwarder: StepForward, components: Any) -> torch.nn.Module:
+    """The model whose forwards `forwarder` makes, which a step cache's hooks act on."""
+    named = {spec.name: getattr(components, spec.name, None)
+             for spec in forwarder.expected_components}
+    model = cacheable_component(named)
+    if model is None:
+        raise ValueError(f"step cache: {type(forwarder).__name__} calls none of the cacheable "
+                         f"models (its components: {', '.join(named) or 'none'})")
+    return model
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -216,7 +285,8 @@ def steppable(loop: Any) -> bool:
 
 
 class LoopRun:
-    """One request's denoise loop in progress: its loop, components, state and step index."""
+    """One request's denoise loop in progress: its loop, components, state and step index, and
+    the `extras` its model forwards apply to its rows (adapters, a step cache)."""
 
     def __init__(self, loop: LoopSequentialPipelineBlocks, components: Any,
                  state: PipelineState, path: str | None = None) -> None:
@@ -233,6 +303,8 @@ class LoopRun:
         # Read once: a loop's component list is derived from its children on every access,
         # and every step marks those components in use (`_using`).
         self.component_names = loop.component_names
+        # Per-request values its forwards apply per sample (`ADAPTERS`, `STEP_CACHE`).
+        self.extras: dict[str, Any] = {}
 
     @property
     def done(self) -> bool:
@@ -325,6 +397,8 @@ def step_together(
                 with block_path(run.path), block_path(name):
                     passes[index] = child.forward_rows(run.components, run.block_state,
                                                        run.i, timesteps[index])
+                for rows in passes[index]:
+                    rows.extras = {**run.extras, **rows.extras}
             except Exception as error:
                 errors[index] = error
         by_class: dict[type, list[int]] = {}

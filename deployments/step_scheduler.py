@@ -27,6 +27,10 @@ Stopping: a task whose `listener.stopped()` turns true is dropped at its next st
 starts) and told `failed(TaskStopped(...))`. A failing task fails alone (`step_together`
 isolates it); a failing listener callback fails its own task only.
 
+A task's LoRA adapters and step caching (`TaskOptions.adapters`, `.step_cache`) are its own: in
+a shared forward they apply to its rows only, and its cache decides for it alone, splitting a
+step into full and cached sub-forwards where decisions differ (`blocks.stepping`'s extras).
+
 On the CPU every model call runs under `blocks.batch_invariance.batch_invariant()`, so a
 request's pixels do not depend on what shared its steps.
 
@@ -50,7 +54,8 @@ from blocks.batch_invariance import batch_invariant
 from blocks.block import ModularPipelineBlocks
 from blocks.lora import adapters_for_call
 from blocks.state import PipelineState
-from blocks.stepping import BlockRun, LoopRun, StepForward, step_together
+from blocks.step_cache import StepCache, StepCacheConfig
+from blocks.stepping import ADAPTERS, STEP_CACHE, BlockRun, LoopRun, StepForward, step_together
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +116,19 @@ class TaskOptions:
     policy: Policy = "step"
     lockstep: Hashable = None  # request policy: tasks with equal keys may form one batch
     want_latents: bool = False  # put its latents in each report (for previews)
+    # LoRA adapters (name, scale) for its rows only; the adapters must be loaded in the model.
+    adapters: tuple[tuple[str, float], ...] = ()
+    step_cache: StepCacheConfig | None = None  # its own step caching (None: off)
+
+    def loop_extras(self, total: int) -> dict[str, Any]:
+        """What a loop of this task, of `total` steps, applies to its rows in shared forwards
+        (`blocks.stepping.LoopRun.extras`): its adapters, and a step cache of its own."""
+        extras: dict[str, Any] = {}
+        if self.adapters:
+            extras[ADAPTERS] = dict(self.adapters)
+        if self.step_cache is not None:
+            extras[STEP_CACHE] = StepCache(self.step_cache, total)
+        return extras
 
 
 @dataclass(eq=False)
@@ -220,8 +238,9 @@ class StepScheduler:
 
     def _work_loop(self, index: int) -> None:
         self._local.index = index
-        # Served requests get no LoRA adapters but the ones they name (a work item running a
-        # request with adapters sets its own): a pipeline's active sets apply to none.
+        # Served requests get no LoRA adapters but the ones they name (their rows' own in
+        # shared forwards, `TaskOptions.adapters`; a work item sets its own): a pipeline's
+        # active sets apply to none.
         with adapters_for_call({}):
             self._serve()
 
@@ -369,7 +388,7 @@ class StepScheduler:
             try:
                 with torch.inference_mode(), batch_invariant(task.device):
                     task.run = BlockRun(task.block, task.name, task.components, task.state)
-                    task.loop = task.run.advance()
+                    _advance(task)
             except Exception as error:  # this request's inputs: it fails alone
                 self._drop(task, error)
                 continue
@@ -414,12 +433,20 @@ class StepScheduler:
             if loop.done:
                 try:
                     with torch.inference_mode(), batch_invariant(task.device):
-                        task.loop = task.run.advance()  # type: ignore[union-attr]
+                        _advance(task)
                 except Exception as error:
                     self._drop(task, error)
                     continue
                 if task.loop is None:
                     self._finish(task, task.run.state)  # type: ignore[union-attr]
+
+
+def _advance(task: DenoiseTask) -> None:
+    """Run the task's block to its next loop (started, with the task's extras) or its end."""
+    assert task.run is not None
+    task.loop = task.run.advance()
+    if task.loop is not None:
+        task.loop.extras = task.options.loop_extras(task.loop.total)
 
 
 def _tell(task: DenoiseTask, what: str, value: Any) -> Exception | None:

@@ -55,6 +55,10 @@ class CacheCall:
     def method(self) -> str:
         return self.config.method
 
+    def member(self, index: int) -> CacheCall:
+        """This call narrowed to its `index`-th request (to run that request alone)."""
+        return CacheCall(self.config, self.mode, [self.slots[index]], [self.rows[index]])
+
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """A (sum of rows, ...) tensor as one owned copy per request."""
         if len(self.rows) == 1:

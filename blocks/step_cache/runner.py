@@ -76,7 +76,8 @@ def run_cached(model: torch.nn.Module, members: Sequence[CachedMember],
         kinds[(None, False)] = plain
     try:
         for config, indices in by_config.items():
-            if hooks.probes(config.method):
+            probing = hooks.probes(config.method)
+            if probing:
                 try:
                     with cache_call(context(config, "probe", indices)):
                         call(indices)
@@ -86,6 +87,8 @@ def run_cached(model: torch.nn.Module, members: Sequence[CachedMember],
                     raise RuntimeError(f"step cache: {type(model).__name__}'s probe for "
                                        f"{config.method} did not stop the forward")
             for index in indices:
+                if probing and slots[index].probe is None:
+                    continue  # its probe forward failed: the caller keeps its error
                 cached = decide(members[index].cache, slots[index])  # type: ignore[arg-type]
                 slots[index].count(cached)  # type: ignore[union-attr]
                 kinds.setdefault((config, cached), []).append(index)
