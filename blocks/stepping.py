@@ -220,11 +220,10 @@ def run_forwards(
         caching = current_call()
         if not call(members) and len(members) > 1:
             for position, member in enumerate(members):
-                with cache_call(None if caching is None else caching.member(position)):
-                    try:
-                        call([member])
-                    except ProbeDone:  # this member's probe measured what it needed
-                        pass
+                # A probe stops with ProbeDone once it measured what it needed.
+                with cache_call(None if caching is None else caching.member(position)), \
+                        contextlib.suppress(ProbeDone):
+                    call([member])
         if caching is not None and caching.mode == "probe":
             # The probe is over, whoever's forward failed (`run_cached` expects it to stop).
             raise ProbeDone

@@ -27,10 +27,11 @@ batch-invariant CPU kernels, so a job's images are the same bytes alone or shari
   same way. A job stopped after its last step (while decoding) keeps its images.
 - Failures: a stage that fails for a merged call is retried per job, a failing step fails its
   job only; either way no job fails because of another.
-- LoRA adapters and step caching: a job with `loras` or `step_cache` runs its whole pipeline
-  in one call of its own, under its adapters and cache (the step scheduler does not carry
-  per-request adapters or skip decisions yet), still reporting every step and stopping at the
-  next one when asked.
+- LoRA adapters and step caching are per job: its adapters are loaded and pinned from its
+  start to its end; its text encoding and decoding merge only with jobs of the same adapter
+  set (run under those adapters); its denoising steps share forwards with any job of its pool,
+  its adapters applied to its rows only and its step cache deciding for it alone (split into
+  full and cached sub-forwards: `deployments.step_scheduler`, `blocks.stepping`).
 - `scheduling="request"` (per model in the models file, or `BLOCKSERVE_SCHEDULING`) keeps
   request-level batching for comparison: jobs with equal `batch_key`s run as one batch from
   first step to last, and nobody joins it mid-loop (see `deployments.step_scheduler`).
@@ -40,7 +41,6 @@ Not handled here: validation, HTTP, priorities, and where blocks run (the placem
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -52,12 +52,10 @@ from typing import Any, Protocol
 
 import torch
 
-from blocks import GenerationCancelled, ModularPipelineBlocks, PipelineState
+from blocks import ModularPipelineBlocks, PipelineState
 from blocks.batch_invariance import batch_invariant
-from blocks.block import run_block
 from blocks.composites import CompositeBlocks
 from blocks.lora import adapters_for_call
-from blocks.step_cache import cacheable_component, step_caching
 from blocks.stepping import ComponentsView
 from deployments.step_scheduler import POLICIES, Policy, StepReport, TaskOptions, TaskStopped
 from service.jobs import CANCELLED, GenerationJob, GenerationResult
@@ -151,6 +149,7 @@ class _Entry:
     stop_now: Callable[[], None] | None = None  # stops its denoise block at once (Ray)
     denoise_started: float = 0.0
     done: bool = False
+    pinned: bool = False  # its LoRA adapters are pinned in its model (released when done)
 
 
 def _resolve(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -384,15 +383,21 @@ class Engine:
                 for entry in list(live):
                     try:
                         entry.member = self._member(model, pipe, entry.job)
-                    except Exception as error:  # this job's inputs
+                        self._pin_adapters(entry)
+                    except Exception as error:  # this job's inputs or adapters
                         live.remove(entry)
                         self._fail(entry, error)
-                for entry in [e for e in live if _own_call(e.job)]:
-                    live.remove(entry)
-                    self._runner.run(lambda entry=entry: self._run_own_call(entry))
             blocks = stages.before if before else stages.after
-            for name, block in blocks:
-                live = self._run_merged(model, name, block, live)
+            by_adapters: dict[tuple[tuple[str, float], ...], list[_Entry]] = {}
+            for entry in live:
+                by_adapters.setdefault(_adapter_set(entry.job), []).append(entry)
+            live = []
+            for adapters, group in by_adapters.items():
+                # Text encoders may carry adapters too: a merged call serves one set.
+                with adapters_for_call(dict(adapters)):
+                    for name, block in blocks:
+                        group = self._run_merged(model, name, block, group)
+                live.extend(group)
             for entry in live:
                 if not before or stages.denoise is None:
                     self._succeed(entry)
@@ -441,7 +446,8 @@ class Engine:
         options = TaskOptions(
             pool=entry.pool, images=job.n, cap=self._cap(job.model),
             policy=self._policy(job.model), lockstep=job.batch_key,
-            want_latents=job.wants_preview is not None)
+            want_latents=job.wants_preview is not None, adapters=_adapter_set(job),
+            step_cache=job.step_cache)
         request = DenoiseRequest(
             model=model.name, block=block, name=name, components=member.components,
             state=member.state, listener=_Progress(self, entry), options=options,
@@ -451,44 +457,13 @@ class Engine:
         except Exception as error:
             self._fail(entry, error)
 
-    def _run_own_call(self, entry: _Entry) -> None:
-        """A job with LoRA adapters or step caching: its whole pipeline in one call of its
-        own, under its adapters and its cache (the step scheduler does not carry per-request
-        adapters or skip decisions yet). Its steps are still reported, and a stop request ends
-        it at its next step."""
-        model, job, member = entry.model, entry.job, entry.member
-        assert model is not None and member is not None
-        progress = _Progress(self, entry)
-
-        def on_step(step: int, timestep: Any, block_state: Any) -> bool:
-            if progress.stopped():
-                return True
-            latents = block_state.get("denoised")
-            latents = block_state.get("latents") if latents is None else latents
-            timesteps = block_state.get("timesteps")
-            progress.step(StepReport(step + 1, job.steps if timesteps is None else len(timesteps),
-                                     latents if job.wants_preview is not None else None))
-            return False
-
-        state = member.state.copy()
-        state.step_callback = on_step
-        loras = dict(job.loras)
-        try:
-            caching = contextlib.nullcontext() if job.step_cache is None else step_caching(
-                cacheable_component(member.components.components), job.step_cache,
-                job.steps if job.strength is None else None)  # img2img runs fewer steps
-            with model.using_loras(list(loras)), adapters_for_call(loras), \
-                    torch.inference_mode(), batch_invariant(model.device), caching:
-                _, state = run_block(model.blocks, None, member.components, state)
-        except GenerationCancelled:
-            self._stopped(entry, job.stop_error(entry.step), RUNNING)
-            return
-        except Exception as error:  # this job's inputs, adapters or model: it fails alone
-            self._fail(entry, error)
-            return
-        state.step_callback = None
-        member.state = state
-        self._succeed(entry)
+    def _pin_adapters(self, entry: _Entry) -> None:
+        """Load the job's LoRA adapters (on first use) and pin them until it is done."""
+        names = [name for name, _ in entry.job.loras]
+        if names:
+            assert entry.model is not None
+            entry.model.pin_loras(names)
+            entry.pinned = True
 
     def _denoised(self, entry: _Entry, state: PipelineState) -> None:
         """A job's denoise block is done: decode it with whoever finished with it."""
@@ -526,7 +501,8 @@ class Engine:
     # -- outcomes --------------------------------------------------------------------------
 
     def _release(self, entry: _Entry) -> bool:
-        """Take `entry` out of the running jobs; False if it was already done."""
+        """Take `entry` out of the running jobs (its adapters unpinned); False if it was
+        already done."""
         with self._cond:
             if entry.done:
                 return False
@@ -537,6 +513,9 @@ class Engine:
             if entry.admitted:
                 self._job_seconds = (0.8 * self._job_seconds
                                      + 0.2 * (time.monotonic() - entry.admitted))
+        if entry.pinned and entry.model is not None:
+            entry.pinned = False
+            entry.model.unpin_loras([name for name, _ in entry.job.loras])
         return True
 
     def _succeed(self, entry: _Entry) -> None:
@@ -570,9 +549,9 @@ class Engine:
         _resolve(entry.future, error=error)
 
 
-def _own_call(job: GenerationJob) -> bool:
-    """Whether `job` runs its pipeline in a call of its own (`Engine._run_own_call`)."""
-    return bool(job.loras) or job.step_cache is not None
+def _adapter_set(job: GenerationJob) -> tuple[tuple[str, float], ...]:
+    """The job's LoRA adapters (name, scale), in one order whatever order the request gave."""
+    return tuple(sorted(job.loras))
 
 
 def run_job(registry: ModelRegistry, job: GenerationJob) -> GenerationResult:

@@ -96,13 +96,12 @@ class GenerationJob:
         """Request-level batching (`BLOCKSERVE_SCHEDULING=request`): jobs with equal keys may
         run as one batch from first step to last: equal steps, guidance, scheduler, size,
         strength, negative prompt given or not. Edits carry their own image, so each runs
-        alone (its key includes its id); so does a job with step caching, whose skip decisions
-        are its own."""
-        alone = (self.id if self.image is not None or self.mask is not None
-                 or self.step_cache is not None else None)
+        alone (its key includes its id). LoRA adapters and step caching are per sample inside a
+        batch, so they don't split batches."""
+        alone = self.id if self.image is not None or self.mask is not None else None
         return (self.model, self.workflow, self.width, self.height, self.steps,
                 self.guidance_scale, self.scheduler, self.strength,
-                self.negative_prompt is not None, self.loras, alone)
+                self.negative_prompt is not None, alone)
 
     def pipeline_inputs(self, accepts: Callable[[str], bool]) -> dict[str, Any]:
         """The pipeline inputs of this job, those the model `accepts`, None left out.

@@ -18,7 +18,6 @@ which requests run when (that is the engine's job).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -84,13 +83,16 @@ class LoadedModel:
     _manager: Any = None
     loras: LoraCache | None = None  # the adapters requests may name, when it allows any
 
-    def using_loras(self, names: list[str]) -> contextlib.AbstractContextManager[None]:
-        """`names` loaded and pinned while the block runs (`LoraCache.using`)."""
-        if not names:
-            return contextlib.nullcontext()
+    def pin_loras(self, names: list[str]) -> None:
+        """Load `names` (on first use) and keep them loaded until `unpin_loras(names)`
+        (`LoraCache.acquire`; LoraLoadError when a file cannot be loaded)."""
         if self.loras is None:
             raise ValueError(f"model {self.name!r} has no LoRA adapters")
-        return self.loras.using(names)
+        self.loras.acquire(names)
+
+    def unpin_loras(self, names: list[str]) -> None:
+        if self.loras is not None:
+            self.loras.release(names)
 
     @property
     def name(self) -> str:
