@@ -33,8 +33,11 @@ call, and a `ForwardPlan` may split a group into several sub-forwards.
 inside the shared forwards:
 
 - `extras[ADAPTERS]` (adapter name -> scale): the request's LoRA adapters, applied to its rows
-  only (`blocks.lora.adapters_per_sample`, rows expanded per request); rows of requests
-  without adapters get none, whatever the thread's or the model's active adapters;
+  only (`blocks.lora.adapters_per_sample`, rows expanded per request); in such a forward the
+  rows of requests without adapters get none. A forward where no request names any leaves the
+  choice to the thread's `adapters_for_call` or the model's active set, as a plain call does,
+  so a server runs under `adapters_for_call({})`: then a request gets the same adapters alone
+  or batched;
 - `extras[STEP_CACHE]` (a `blocks.step_cache.StepCache`): the request's step-cache memory and
   decisions; a group holding any goes through `blocks.step_cache.run_cached`, which splits it
   into full and cached sub-forwards (one slot per pass index).
