@@ -156,16 +156,22 @@ def test_flux_probe_methods_and_guidance_passes_decide_per_request(flux_base):
     assert batched[0].cached > 0 and batched[2].cached > 0  # teacache skipped some
 
 
-def test_a_failing_request_with_a_step_cache_fails_alone(sd_lora):
-    inputs = dict(prompt="x", num_inference_steps=3, **SD)
-    deep = {"method": "deepcache", "interval": 2}
+@pytest.mark.parametrize("model, cache", [("sd_lora", {"method": "deepcache", "interval": 2}),
+                                           ("flux_base", {"method": "teacache"})])
+def test_a_failing_request_with_a_step_cache_fails_alone(model, cache, request):
+    """Its sub-forward (a probe forward, for teacache) fails for the group, is retried per
+    request under the cache call narrowed to it, and only the bad request fails."""
+    pipe = request.getfixturevalue(model)
+    inputs = dict(prompt="x", num_inference_steps=3, **(SD if model == "sd_lora" else FLUX))
     with adapters_for_call({}):
-        expected = alone(sd_lora, 1, extras(cache=deep), **inputs)
-        good, bad = Run(sd_lora, 1, extras(cache=deep), **inputs), \
-            Run(sd_lora, 2, extras(cache=deep), **inputs)
+        expected = alone(pipe, 1, extras(cache=cache), **inputs)
+        good, bad = Run(pipe, 1, extras(cache=cache), **inputs), \
+            Run(pipe, 2, extras(cache=cache), **inputs)
         with torch.inference_mode(), batch_invariant():
             good.begin(), bad.begin()
-            bad.loop.block_state.latents = bad.loop.block_state.latents[:, :2]
+            latents = bad.loop.block_state.latents
+            bad.loop.block_state.latents = latents[:, :2] if latents.ndim == 4 \
+                else latents[..., :2]  # wrong channels
             errors = step_together([good.loop, bad.loop], same_layout=True)
             assert errors[0] is None and isinstance(errors[1], Exception)
             while not good.loop.done:
