@@ -37,6 +37,7 @@ from blocks import ComponentsManager, ModularPipeline, ModularPipelineBlocks
 from blocks.step_cache import (
     StepCacheConfig,
     cache_methods,
+    cacheable_class,
     cacheable_component,
     hooks_for,
     step_cache_config,
@@ -273,6 +274,7 @@ class ModelRegistry:
             path = ensure_checkpoint(config)
             blocks = ModularPipeline.from_pretrained(path).blocks
         tree = block_tree(blocks)
+        declared = blocks.expected_components
         if self._blocks_transform is not None:
             blocks = self._blocks_transform(config, blocks)
         base = blocks.init_pipeline(
@@ -290,10 +292,12 @@ class ModelRegistry:
         scheduler = base.components.get("scheduler")
         default_scheduler = family.scheduler_name_of(scheduler) if scheduler else None
         denoiser = cacheable_component(base.components)
-        methods = cache_methods(denoiser)
+        # In Ray mode the denoiser runs in a deployment (whose step scheduler applies each
+        # job's cache): the class the blocks declare for it says which methods it supports.
+        methods = cache_methods(denoiser if denoiser is not None else cacheable_class(declared))
         step_cache = step_cache_config(config.step_cache, owner=f"models.{config.name}.step_cache",
                                        allowed=methods)
-        if step_cache is not None:
+        if step_cache is not None and denoiser is not None:  # checks that need the model
             hooks_for(denoiser).check(step_cache, denoiser, f"models.{config.name}.step_cache")
         loras = None
         if config.loras:

@@ -26,6 +26,7 @@ from blocks.step_cache.context import step_caching
 from blocks.step_cache.hooks import (
     ModelCacheHooks,
     cache_methods,
+    cacheable_class,
     cacheable_component,
     hooks_for,
     install_cache_hooks,
@@ -46,6 +47,7 @@ __all__ = [
     "StepCacheConfig",
     "SubForward",
     "cache_methods",
+    "cacheable_class",
     "cacheable_component",
     "hooks_for",
     "install_cache_hooks",

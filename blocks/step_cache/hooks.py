@@ -23,7 +23,7 @@ Not handled here: the decisions (`state.decide`), which requests share a forward
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -147,7 +147,8 @@ def register_cache_hooks(hooks: ModelCacheHooks) -> None:
 
 
 def hooks_for(model: Any) -> ModelCacheHooks | None:
-    for cls in type(model).__mro__:
+    """The hooks registered for `model`'s class (or for `model` itself, a class), or None."""
+    for cls in (model if isinstance(model, type) else type(model)).__mro__:
         if cls in _HOOKS:
             return _HOOKS[cls]
     return None
@@ -165,6 +166,16 @@ def cacheable_component(components: Mapping[str, Any]) -> torch.nn.Module | None
     for component in components.values():
         if isinstance(component, torch.nn.Module) and hooks_for(component) is not None:
             return component
+    return None
+
+
+def cacheable_class(specs: Iterable[Any]) -> type | None:
+    """The first class of the component specs `specs` (`ComponentSpec`s) that has caching
+    hooks, or None: what a caller that does not hold the denoiser (a Ray router) can cache."""
+    for spec in specs:
+        hint = getattr(spec, "type_hint", None)
+        if isinstance(hint, type) and hooks_for(hint) is not None:
+            return hint
     return None
 
 

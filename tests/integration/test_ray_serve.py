@@ -131,6 +131,14 @@ def test_default_model_gives_the_embedded_bytes_at_several_seeds(ray_app, embedd
         assert expected.status_code == 200, expected.text
         # One engine and the batch-invariant CPU kernels in both: the same PNG bytes.
         assert got.json()["data"][0]["b64_json"] == expected.json()["data"][0]["b64_json"], seed
+    # A job's step cache travels with its denoise task to the Denoiser's step scheduler.
+    cached = {**body, "step_cache": "deepcache"}
+    got_cached = httpx.post(f"{ray_app['url']}/v1/images/generations", json=cached,
+                            timeout=120)
+    assert got_cached.status_code == 200, got_cached.text
+    expected_cached = embedded.post("/v1/images/generations", json=cached)
+    assert got_cached.json()["data"][0]["b64_json"] == \
+        expected_cached.json()["data"][0]["b64_json"] != got.json()["data"][0]["b64_json"]
 
 
 def test_mixed_steps_guidance_joins_and_a_cancellation_change_no_image(ray_app) -> None:
