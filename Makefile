@@ -71,7 +71,7 @@ gpu-wheels: $(STAMP)
 		version; print(' '.join(f'{p}=={version(p)}' for p in '$(GPU_WHEEL_PACKAGES)'.split()))")
 
 demo: $(STAMP)
-	$(VENV)/bin/blockserve demo "$(PROMPT)" -o demo.png
+	$(PY) -m blocks.demo "$(PROMPT)" -o demo.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

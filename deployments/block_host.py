@@ -2,8 +2,9 @@
 role's components loaded, running the blocks the router sends.
 
 This is what a deployment replica (`deployments.heavy`) runs; it needs no Ray, so it is tested
-in-process. `models` is plain data, {name: {"path", "dtype", "device"}}. Which components a
-replica loads comes from the role's blocks in the model's checkpoint; which block runs is the
+in-process. `models` is plain data, {name: {"path", "family", "dtype", "device"}}. Which
+components a replica loads comes from the role's blocks in the model's checkpoint (which
+blocks have the role is its family's declaration, `Family.heavy_blocks`); which block runs is the
 one each call carries (`BlockCall.block_def`, what the router's pipeline holds): the router's
 pipeline is the one source of truth for what a remote block is, custom blocks included.
 
@@ -26,6 +27,7 @@ import torch
 from blocks import ModularPipeline
 from blocks.batch_invariance import batch_invariant
 from blocks.composites import SequentialPipelineBlocks
+from blocks.families import HeavyRole, get_family
 from blocks.latent_rgb import LatentRGB, fit_latent_rgb
 from blocks.stepping import ComponentsView
 from deployments.remote_block import BlockCall, BlockResult, ReceivedCall, run_call
@@ -34,17 +36,13 @@ from deployments.step_scheduler import DenoiseTask, TaskListener, TaskOptions
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ROLE_BLOCKS = {
-    "TextEncoder": ("text_encoder",),
-    "Denoiser": ("denoise",),
-    "VAE": ("vae_encoder", "decode"),
-}
 
 
 class BlockHost:
     """The models of one role, with only that role's components loaded."""
 
-    def __init__(self, role: str, models: dict[str, dict[str, Any]], pool: Any = None) -> None:
+    def __init__(self, role: HeavyRole, models: dict[str, dict[str, Any]],
+                 pool: Any = None) -> None:
         """`pool`: a `weight_pool.PooledWeights` to build the weights from (Ray mode); None
         loads them from the checkpoints into this process."""
         self.role = role
@@ -56,7 +54,8 @@ class BlockHost:
             # the VAE's scale factor in a Denoiser) is known; only this role's weights load.
             pipe = ModularPipeline.from_pretrained(config["path"])
             family_blocks = pipe.blocks
-            mine = {name: family_blocks.sub_blocks[name] for name in ROLE_BLOCKS[role]
+            mine = {name: family_blocks.sub_blocks[name]
+                    for name in get_family(config["family"]).heavy_block_names(role)
                     if name in getattr(family_blocks, "sub_blocks", {})}
             if not mine:
                 continue

@@ -36,16 +36,18 @@ import torch
 from ray import serve
 
 from blocks import PipelineState
+from blocks.families import DENOISER, TEXT_ENCODER, HeavyRole
+from blocks.families import VAE as VAE_ROLE
 from blocks.latent_rgb import LatentRGB
 from deployments.app_config import WeightPoolConfig
 from deployments.block_host import BlockHost
-from deployments.remote_block import BlockCall, BlockResult, ReceivedCall
+from deployments.remote_block import ROLE_DEPLOYMENTS, BlockCall, BlockResult, ReceivedCall
 from deployments.step_scheduler import StepReport, StepScheduler, TaskOptions
 from deployments.weight_pool import PooledWeights, get_registry
 
 
 class _RoleDeployment:
-    role = ""
+    role: HeavyRole
 
     def __init__(self, models: dict[str, dict[str, Any]],
                  weight_pool: WeightPoolConfig | None = None) -> None:
@@ -88,14 +90,14 @@ def _pool_client(options: WeightPoolConfig) -> PooledWeights | None:
                          heartbeat_s=options.heartbeat_s)
 
 
-@serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name=ROLE_DEPLOYMENTS[TEXT_ENCODER], ray_actor_options={"num_cpus": 0.25})
 class TextEncoder(_RoleDeployment):
-    role = "TextEncoder"
+    role = TEXT_ENCODER
 
 
-@serve.deployment(name="VAE", ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name=ROLE_DEPLOYMENTS[VAE_ROLE], ray_actor_options={"num_cpus": 0.25})
 class VAE(_RoleDeployment):
-    role = "VAE"
+    role = VAE_ROLE
 
     async def latent_rgb(self, model: str) -> LatentRGB | None:
         """`model`'s preview map, fitted on the VAE here (the router holds none)."""
@@ -133,10 +135,10 @@ class _Stream:
         return self.closed
 
 
-@serve.deployment(name="Denoiser", max_ongoing_requests=32,
+@serve.deployment(name=ROLE_DEPLOYMENTS[DENOISER], max_ongoing_requests=32,
                   ray_actor_options={"num_cpus": 0.5})
 class Denoiser(_RoleDeployment):
-    role = "Denoiser"
+    role = DENOISER
 
     def __init__(self, models: dict[str, dict[str, Any]], weight_pool: WeightPoolConfig,
                  batch_window_s: float) -> None:

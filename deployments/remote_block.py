@@ -2,8 +2,9 @@
 
 Every block declares what it reads and writes, so a block can run elsewhere: send exactly its
 declared inputs, run it there on that process's components, write back its declared outputs.
-The router swaps a family's heavy top-level blocks for RemoteBlocks; nothing else changes, so
-no pipeline is defined twice (`remote_pipeline_blocks`).
+The router swaps the heavy top-level blocks a family declares (`Family.heavy_blocks`: block
+name -> role) for RemoteBlocks on the deployment of that role; nothing else changes, so no
+pipeline is defined twice (`remote_pipeline_blocks`).
 
 What crosses the wire (`pack_call` / `BlockCall`): plain values, CPU tensors (Ray puts large
 arguments in its object store), weight-free components the block expects (e.g. the request's
@@ -31,7 +32,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +40,16 @@ import torch
 
 from blocks.block import ModularPipelineBlocks
 from blocks.composites import CompositeBlocks
+from blocks.families import DENOISER, TEXT_ENCODER, VAE, HeavyRole
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 from blocks.state import PipelineState
 from deployments.step_scheduler import TaskStopped
 
-# The heavy top-level blocks of the built-in families (SD, FLUX.2 klein), by role.
-HEAVY_ROLES: dict[str, str] = {
-    "text_encoder": "TextEncoder",
-    "vae_encoder": "VAE",
-    "denoise": "Denoiser",
-    "decode": "VAE",
+# The deployment (`deployments.heavy`) that runs each heavy role's blocks.
+ROLE_DEPLOYMENTS: dict[HeavyRole, str] = {
+    TEXT_ENCODER: "TextEncoder",
+    DENOISER: "Denoiser",
+    VAE: "VAE",
 }
 
 REPLICA_RETRY_AFTER_S = 5  # about what Serve needs to replace a dead replica
@@ -381,16 +382,21 @@ class RemoteStream:
 
 
 def remote_pipeline_blocks(
-    blocks: ModularPipelineBlocks, model: str, handles: dict[str, Any]
+    blocks: ModularPipelineBlocks, model: str, handles: Mapping[str, Any],
+    heavy_blocks: Mapping[str, HeavyRole],
 ) -> ModularPipelineBlocks:
-    """A copy of `blocks` whose heavy top-level blocks (`HEAVY_ROLES`) run through
-    `handles[role]`; the others stay local. Blocks without such children come back as is."""
+    """A copy of `blocks` whose heavy top-level blocks (`heavy_blocks`: name -> role, the
+    family's declaration) run through `handles[deployment]` ({deployment name: handle}, the
+    deployment of each role in `ROLE_DEPLOYMENTS`); the others stay local. Blocks without such
+    children come back as is."""
     blocks = copy.deepcopy(blocks)
     if not isinstance(blocks, CompositeBlocks):
         return blocks
     for name in list(blocks.sub_blocks):
-        role = HEAVY_ROLES.get(name)
-        if role is not None and role in handles:
+        role = heavy_blocks.get(name)
+        deployment = ROLE_DEPLOYMENTS.get(role) if role is not None else None
+        if deployment is not None and deployment in handles:
             block = blocks.sub_blocks[name]
-            blocks.sub_blocks[name] = RemoteBlock(block, name, model, handles[role], role)
+            blocks.sub_blocks[name] = RemoteBlock(block, name, model, handles[deployment],
+                                                  deployment)
     return blocks

@@ -5,11 +5,10 @@
                         [--size WxH] [--image in.png] [--mask m.png] [--step-cache METHOD]
                         one image, no server
     blockserve models [--models FILE]                                  the configured models
-    blockserve demo "a red circle" -o out.png      run the built-in demo pipeline
-    blockserve tiny-model sd OUT_DIR [--controlnet] [--depth] [--inpaint]
-    blockserve tiny-model flux2-klein OUT_DIR [--base]
-                        a random-weight checkpoint; --size real [--device cuda]: the family's
-                        real architecture (SD 1.5, FLUX.2-klein-4B) in bfloat16, for GPU checks
+    blockserve tiny-model FAMILY OUT_DIR [--seed 0] [--OPTION ...] [--size real] [--device cuda]
+                        a random-weight checkpoint of a family (options: the family's variants,
+                        e.g. sd --controlnet --depth --inpaint); --size real: the family's real
+                        architecture (SD 1.5, FLUX.2-klein-4B) in bfloat16, for GPU checks
     blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
                         [--overwrite]
                         train the tiny shapes SD model on the CPU (47 min at the defaults)
@@ -66,13 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"blockserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the built-in pure-tensor demo pipeline")
-    demo.add_argument("prompt")
-    demo.add_argument("-o", "--output", type=Path, default=Path("demo.png"))
-    demo.add_argument("--steps", type=_positive, default=4)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--size", type=_size, default=(64, 64), help="WxH, e.g. 64x64")
-
     serve = commands.add_parser("serve", help="run the HTTP image-generation API")
     serve.add_argument("--models", type=Path, help="models file (YAML)")
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
@@ -110,14 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the configured models")
     models.add_argument("--models", type=Path, help="models file (YAML)")
 
-    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint")
-    tiny.add_argument("family", choices=["sd", "flux2-klein"])
+    # The families (and their options) are known only once `blocks` is imported, which this
+    # parser avoids: FAMILY and the --OPTION flags are checked against the family when run.
+    tiny = commands.add_parser(
+        "tiny-model", help="write a tiny random-weight checkpoint of a family",
+        description="Write a tiny random-weight checkpoint of FAMILY to OUT_DIR. Extra "
+                    "--OPTION flags pick the family's variants (see the error for a list).",
+    )
+    tiny.add_argument("family", help="a family with a tiny checkpoint (the models file's names)")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--base", action="store_true", help="flux2-klein: non-distilled variant")
-    tiny.add_argument("--controlnet", action="store_true", help="sd: add a ControlNet")
-    tiny.add_argument("--depth", action="store_true", help="sd: add a depth estimator")
-    tiny.add_argument("--inpaint", action="store_true", help="sd: 9-channel inpainting UNet")
     tiny.add_argument("--size", choices=["tiny", "real"], default="tiny",
                       help="real: the family's published architecture (random weights, bfloat16)")
     tiny.add_argument("--device", default="cpu",
@@ -164,27 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_demo(args: argparse.Namespace) -> None:
+def run_tiny_model(args: argparse.Namespace, extra: list[str],
+                   parser: argparse.ArgumentParser) -> None:
     import torch
 
-    from blocks.demo import DemoAutoBlocks
-
-    pipe = DemoAutoBlocks().init_pipeline()
-    width, height = args.size
-    image = pipe(
-        prompt=args.prompt,
-        num_inference_steps=args.steps,
-        height=height,
-        width=width,
-        generator=torch.Generator().manual_seed(args.seed),
-        output="images",
-    )[0]
-    image.save(args.output)
-    print(f"wrote {args.output} ({width}x{height}, seed {args.seed})")
-
-
-def run_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    import torch
+    from blocks.families import families
 
     try:
         device = torch.device(args.device)
@@ -192,26 +170,20 @@ def run_tiny_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    common = {"seed": args.seed, "size": args.size, "device": device}
+    writers = {name: family for name, family in families().items() if family.tiny_writer}
+    family = writers.get(args.family)
+    if family is None:
+        parser.error(f"argument family: no tiny checkpoint for family {args.family!r}; "
+                     f"choose from {', '.join(writers)}")
+    allowed = {f"--{option}": option for option in family.tiny_options}
+    unknown = [flag for flag in extra if flag not in allowed]
+    if unknown:
+        parser.error(f"unrecognized arguments for family {family.name!r}: {' '.join(unknown)}; "
+                     f"its options: {', '.join(allowed) or '(none)'}")
+    options = {allowed[flag]: True for flag in extra}
     try:
-        if args.family == "flux2-klein":
-            if args.controlnet or args.depth or args.inpaint:
-                parser.error("--controlnet, --depth and --inpaint apply to the sd family only")
-            from blocks.flux2.tiny_model import write_tiny_flux2_klein
-
-            path = write_tiny_flux2_klein(args.out_dir, base=args.base, **common)
-        else:
-            if args.base:
-                parser.error("--base applies to the flux2-klein family only")
-            from blocks.stable_diffusion.tiny_model import write_tiny_sd
-
-            path = write_tiny_sd(
-                args.out_dir,
-                controlnet=args.controlnet,
-                depth=args.depth,
-                inpaint=args.inpaint,
-                **common,
-            )
+        path = family.write_tiny(args.out_dir, seed=args.seed, size=args.size, device=device,
+                                 **options)
     except ValueError as error:  # an option the size does not offer (e.g. sd --depth, real)
         parser.error(f"--size {args.size}: {error}")
     print(f"wrote {path}")
@@ -270,9 +242,8 @@ def _default_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParse
     """The default model's folder: the models file says once where the shapes model lives."""
     _, models = _settings_and_models(args, parser)
     config = models.models[models.default_model]
-    if config.family != "sd" or config.path is None:
-        parser.error(f"the default model {config.name!r} is not a Stable Diffusion checkpoint; "
-                     "give CHECKPOINT")
+    if config.path is None:
+        parser.error(f"the default model {config.name!r} has no checkpoint; give CHECKPOINT")
     return Path(config.path)
 
 
@@ -422,11 +393,11 @@ def _read(path: Path, parser: argparse.ArgumentParser) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        run_demo(args)
-    elif args.command == "tiny-model":
-        run_tiny_model(args, parser)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "tiny-model":  # only a family's options are open-ended
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "tiny-model":
+        run_tiny_model(args, extra, parser)
     elif args.command == "serve":
         run_serve(args, parser)
     elif args.command == "generate":

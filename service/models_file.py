@@ -5,9 +5,9 @@ by pydantic so a bad file fails at start with every problem named:
 
     models:
       tiny-sd:
-        family: sd                      # sd | flux2-klein | demo (built-in, no weights)
+        family: sd                      # a family registered in blocks (blocks.families)
         path: ${BLOCKSERVE_CACHE_DIR:-~/.cache/blockserve}/tiny-sd   # folder or Hub repo id
-        create_tiny: sd                 # write a tiny checkpoint at `path` if it is missing
+        create_tiny: sd                 # write the family's tiny checkpoint at `path` if missing
         dtype: float32                  # float32 | float16 | bfloat16
         device: cpu                     # cpu | cuda | cuda:N | mps
         defaults: {steps: 4, guidance_scale: 7.5, size: 64x64}
@@ -47,8 +47,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from blocks.families import Family, get_family
 from blocks.step_cache import InvalidStepCache, StepCacheConfig, step_cache_config
-from service.families import FAMILIES
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -132,14 +132,16 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    family: Literal["sd", "flux2-klein", "demo"]
+    family: str = Field(description="A family registered in `blocks.families`.")
     path: str | None = Field(None, description="Checkpoint folder or Hub repo id.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d{1,2})?)$")
     defaults: ModelDefaults = ModelDefaults()
     sizes: tuple[str, ...] = Field((), description="Allowed sizes; empty: only the default.")
     limits: ModelLimits = ModelLimits()
-    create_tiny: Literal["sd", "flux2-klein"] | None = None
+    create_tiny: str | None = Field(
+        None, description="The family's name: write its tiny checkpoint at `path` if missing."
+    )
     max_batch_size: int | None = Field(
         None, ge=1, le=256,
         description="Most images per model forward; None: the process setting; 1: no batching.",
@@ -197,20 +199,28 @@ class ModelConfig(BaseModel):
             return tuple(str(v).strip().lower() for v in value)
         return value
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        get_family(value)  # ValueError naming the known families
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        family = FAMILIES[self.family]
-        if family.needs_path and not self.path:
+        family = self.family_info
+        if family.needs_checkpoint and not self.path:
             raise ValueError(f"family {self.family!r} needs a `path` (checkpoint or repo id)")
-        if not family.needs_path and (self.path or self.create_tiny):
+        if not family.needs_checkpoint and (self.path or self.create_tiny):
             raise ValueError(f"family {self.family!r} is built in: give no path or create_tiny")
         if self.create_tiny is not None and self.create_tiny != self.family:
             raise ValueError(
                 f"create_tiny {self.create_tiny!r} does not match family {self.family!r}"
             )
+        if self.create_tiny is not None and family.tiny_writer is None:
+            raise ValueError(f"family {self.family!r} has no tiny checkpoint: drop create_tiny")
         for size in (self.defaults.size, *self.sizes):
             width, height = parse_size(size)
-            factor = family.size_factor
+            factor = family.size_multiple
             if not (factor <= width <= MAX_SIDE and factor <= height <= MAX_SIDE):
                 raise ValueError(f"size {size}: sides must be in {factor}..{MAX_SIDE}")
             if width % factor or height % factor:
@@ -218,7 +228,7 @@ class ModelConfig(BaseModel):
                     f"size {size}: width and height must be multiples of {factor} "
                     f"for family {self.family!r}"
                 )
-        if self.loras and not family.needs_path:
+        if self.loras and not family.needs_checkpoint:
             raise ValueError(f"family {self.family!r} takes no LoRA adapters")
         if self.sizes and self.defaults.size not in self.sizes:
             raise ValueError(
@@ -247,8 +257,13 @@ class ModelConfig(BaseModel):
         return self.sizes or (self.defaults.size,)
 
     @property
+    def family_info(self) -> Family:
+        """What `blocks` declares about this model's family (serving facts included)."""
+        return get_family(self.family)
+
+    @property
     def size_factor(self) -> int:
-        return FAMILIES[self.family].size_factor
+        return self.family_info.size_multiple
 
 
 class ModelsFile(BaseModel):

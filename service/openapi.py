@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.families import FAMILIES
 from service.registry import ModelRegistry
 from service.schemas import (
     ImageEditRequest,
@@ -62,7 +61,7 @@ def build_openapi(app: FastAPI, registry: ModelRegistry) -> dict[str, Any]:
 
     configs = [registry.config(name) for name in registry.names]
     sizes = [*sorted({size for c in configs for size in c.allowed_sizes}), "auto"]
-    schedulers = sorted({s for c in configs for s in FAMILIES[c.family].schedulers})
+    schedulers = sorted({s for c in configs for s in c.family_info.schedulers})
     for name in ("ImageGenerationRequest", "ImageEditRequest", "ImageEditForm",
                  "ImageVariationRequest", "ImageVariationForm", "JobRequest"):
         properties = schemas[name]["properties"]

@@ -8,8 +8,9 @@ models file, writes tiny checkpoints where asked, and binds one `TextEncoder`, `
 `VAE` deployment (`deployments.heavy`) plus the `Router`: the ingress whose ASGI app is
 `create_app(settings, models, placement=RayPlacement(handles))`.
 
-`RayPlacement` swaps each model's heavy top-level blocks for `RemoteBlock`s (the light ones
-run in the router) and brings the `RayRunner` the engine runs on — the very engine of embedded
+`RayPlacement` swaps each model's heavy top-level blocks (those its family declares,
+`Family.heavy_blocks`) for `RemoteBlock`s on the deployment of their role (the light ones run
+in the router) and brings the `RayRunner` the engine runs on — the very engine of embedded
 mode (`service.engine`): its queue, positions, jobs, events, cancellation and timeouts. The
 runner runs the engine's merged stages (text encoding, decoding) as remote calls from a pool
 of threads, and each job's denoise block as a stream from a `Denoiser` replica, whose step
@@ -33,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from blocks import ModularPipelineBlocks, PipelineState
+from blocks.families import DENOISER, TEXT_ENCODER
+from blocks.families import VAE as VAE_ROLE
 from blocks.latent_rgb import LatentRGB
 from deployments.app_config import ServeAppConfig
 from deployments.remote_block import (
-    HEAVY_ROLES,
+    ROLE_DEPLOYMENTS,
     RemoteBlock,
     remote_pipeline_blocks,
 )
@@ -47,7 +50,6 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-RAY_FAMILIES_SKIPPED = frozenset({"demo"})  # weight-free: run in the router
 READY_PROBE_TIMEOUT_S = 2.0
 READY_CACHE_S = 2.0
 PREVIEW_FIT_TIMEOUT_S = 30.0
@@ -131,27 +133,27 @@ class RayRunner:
 
 
 class RayPlacement:
-    """Heavy blocks on the deployments behind `handles` ({role: DeploymentHandle})."""
+    """Heavy blocks on the deployments behind `handles` ({deployment name: DeploymentHandle})."""
 
     def __init__(self, handles: dict[str, Any], config: ServeAppConfig | None = None) -> None:
         self.handles = handles
         self.config = config or ServeAppConfig()
-        self._remote: dict[str, list[str]] = {}  # model -> its blocks that run remotely
+        self._remote: dict[str, dict[str, str]] = {}  # model -> {remote block: deployment}
         self._ready: tuple[float, dict[str, Any]] | None = None
         self._lock = threading.Lock()
 
     def transform_blocks(self, config: Any, blocks: ModularPipelineBlocks
                          ) -> ModularPipelineBlocks:
-        if config.family in RAY_FAMILIES_SKIPPED:
-            return blocks
-        remote = remote_pipeline_blocks(blocks, config.name, self.handles)
-        self._remote[config.name] = [name for name, block in remote.sub_blocks.items()
-                                     if isinstance(block, RemoteBlock)]
+        remote = remote_pipeline_blocks(blocks, config.name, self.handles,
+                                        config.family_info.heavy_blocks)
+        self._remote[config.name] = {
+            name: block.deployment for name, block in getattr(remote, "sub_blocks", {}).items()
+            if isinstance(block, RemoteBlock)}
         return remote
 
     def make_runner(self, settings: Settings) -> RayRunner:
         return RayRunner(self.config.concurrency, settings.batch_window_ms / 1000,
-                         self.handles.get("VAE"))
+                         self.handles.get(ROLE_DEPLOYMENTS[VAE_ROLE]))
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Every deployment answers a ping from a running replica (cached while ready)."""
@@ -171,8 +173,8 @@ class RayPlacement:
             return None
         replicas = deployment_replicas()
         described: dict[str, Any] = {
-            block: {"deployment": HEAVY_ROLES[block], "replicas": replicas.get(HEAVY_ROLES[block])}
-            for block in self._remote[model]}
+            block: {"deployment": deployment, "replicas": replicas.get(deployment)}
+            for block, deployment in self._remote[model].items()}
         described["weights"] = model_weights(model, registry_stats())
         return described
 
@@ -282,16 +284,18 @@ def deployment_replicas() -> dict[str, int]:
 
 def heavy_models(models: ModelsFile) -> dict[str, dict[str, Any]]:
     """The deployments' view of the models file: plain data, checkpoints written."""
+    # A model whose family declares no heavy blocks runs wholly in the router.
     heavy = {name: config for name, config in models.models.items()
-             if config.family not in RAY_FAMILIES_SKIPPED}
+             if config.family_info.heavy_blocks}
     for name, config in heavy.items():
         if config.loras:
             # The adapters would have to load where the denoiser and text encoder run, and a
             # request's adapters travel with its remote calls: not built yet.
             raise ModelsFileError(f"models.{name}.loras: LoRA adapters are served in "
                                   "embedded mode only (not with --ray yet)")
-    return {name: {"path": ensure_checkpoint(config), "dtype": config.dtype,
-                   "device": config.device} for name, config in heavy.items()}
+    return {name: {"path": ensure_checkpoint(config), "family": config.family,
+                   "dtype": config.dtype, "device": config.device}
+            for name, config in heavy.items()}
 
 
 def _router_class() -> Any:
@@ -304,7 +308,8 @@ def _router_class() -> Any:
 
         def __init__(self, text_encoder: Any, denoiser: Any, vae: Any,
                      config: ServeAppConfig) -> None:
-            self.handles = {"TextEncoder": text_encoder, "Denoiser": denoiser, "VAE": vae}
+            self.handles = {ROLE_DEPLOYMENTS[TEXT_ENCODER]: text_encoder,
+                            ROLE_DEPLOYMENTS[DENOISER]: denoiser, ROLE_DEPLOYMENTS[VAE_ROLE]: vae}
             self.config = config
 
         def __serve_build_asgi_app__(self) -> Any:

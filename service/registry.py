@@ -2,8 +2,9 @@
 
 `ModelRegistry` turns the models file into running pipelines: it writes tiny checkpoints where
 `create_tiny` asks for them, builds each model's pipeline with `ModularPipeline.from_pretrained`
-(or the built-in demo blocks), loads its weights through one shared `ComponentsManager`, and
-tracks each model's state (pending, loading, ready, failed) for `/readyz`.
+(or, for a family that needs no checkpoint, its declared blocks), loads its weights through one
+shared `ComponentsManager`, and tracks each model's state (pending, loading, ready, failed) for
+`/readyz`.
 
 A request may name a scheduler, and schedulers hold per-request state (timesteps, step index,
 multistep history): `LoadedModel.new_scheduler` gives every request its own scheduler object,
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from blocks import ComponentsManager, ModularPipeline, ModularPipelineBlocks
+from blocks.families import Family
 from blocks.step_cache import (
     StepCacheConfig,
     cache_methods,
@@ -43,7 +45,6 @@ from blocks.step_cache import (
     step_cache_config,
 )
 from service.block_tree import block_tree
-from service.families import FAMILIES, FamilySupport
 from service.latent_rgb import factors_for
 from service.lora_cache import LoraCache, LoraObserver, PipelineLoraLoader
 from service.models_file import ModelConfig, ModelsFile
@@ -70,7 +71,7 @@ class LoadedModel:
     """A ready model: its configuration, what its blocks accept, and its pipelines."""
 
     config: ModelConfig
-    family: FamilySupport
+    family: Family
     blocks: ModularPipelineBlocks  # the blocks every pipeline of this model runs
     base: ModularPipeline
     default_scheduler: str
@@ -265,14 +266,11 @@ class ModelRegistry:
         return loaded
 
     def _build(self, config: ModelConfig) -> LoadedModel:
-        family = FAMILIES[config.family]
-        if config.family == "demo":
-            from blocks.demo import DemoAutoBlocks
-
-            blocks: ModularPipelineBlocks = DemoAutoBlocks()
+        family = config.family_info
+        if family.needs_checkpoint:
+            blocks = ModularPipeline.from_pretrained(ensure_checkpoint(config)).blocks
         else:
-            path = ensure_checkpoint(config)
-            blocks = ModularPipeline.from_pretrained(path).blocks
+            blocks = family.blocks()
         tree = block_tree(blocks)
         declared = blocks.expected_components
         if self._blocks_transform is not None:
@@ -342,7 +340,7 @@ def ensure_checkpoint(config: ModelConfig) -> str:
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(path)}{os.getpid()}-",
                                     dir=path.parent))
     try:
-        FAMILIES[config.create_tiny].write_tiny(staging / "checkpoint")
+        config.family_info.write_tiny(staging / "checkpoint")
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
         try:

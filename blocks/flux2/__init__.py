@@ -1,7 +1,7 @@
-"""FLUX.2 [klein] as blocks, registered for checkpoints whose index names
-`Flux2KleinPipeline` (diffusers' classic pipeline), or the modular names blockserve and
-diffusers both write: `Flux2KleinAutoBlocks` / `Flux2KleinBaseAutoBlocks` and
-`Flux2KleinModularPipeline` / `Flux2KleinBaseModularPipeline`.
+"""FLUX.2 [klein] as blocks: the `flux2-klein` family, declared at the bottom of this module
+for checkpoints whose index names `Flux2KleinPipeline` (diffusers' classic pipeline), or the
+modular names blockserve and diffusers both write: `Flux2KleinAutoBlocks` /
+`Flux2KleinBaseAutoBlocks` and `Flux2KleinModularPipeline` / `Flux2KleinBaseModularPipeline`.
 
 The tiny random-weight checkpoint factory lives in `blocks.flux2.tiny_model` and is not
 imported here: it needs diffusers' pipeline classes, which product code never imports.
@@ -9,7 +9,7 @@ imported here: it needs diffusers' pipeline classes, which product code never im
 
 from diffusers import Flux2Transformer2DModel
 
-from blocks.families import register_blocks_class, register_family, register_pipeline_class
+from blocks.families import DENOISER, TEXT_ENCODER, VAE, Family, register_family
 from blocks.flux2.before_denoise import (
     Flux2KleinPrepareImageLatentsStep,
     Flux2KleinPrepareLatentsStep,
@@ -46,21 +46,29 @@ from blocks.flux2.step_cache import Flux2TransformerCacheHooks
 from blocks.lora import register_module_names
 from blocks.step_cache import register_cache_hooks
 
-register_blocks_class(Flux2KleinAutoBlocks)
-register_blocks_class(Flux2KleinBaseAutoBlocks)
+FAMILY = register_family(Family(
+    name="flux2-klein",
+    blocks=Flux2KleinAutoBlocks,
+    checkpoint_classes={"Flux2KleinPipeline": Flux2KleinAutoBlocks},
+    other_blocks=(Flux2KleinBaseAutoBlocks,),
+    # diffusers' classic pipeline: distilled or base by the index's `is_distilled`, as diffusers
+    # picks the modular class for it.
+    choose_blocks=lambda index: Flux2KleinAutoBlocks if index.configs.get("is_distilled")
+    else Flux2KleinBaseAutoBlocks,
+    pipeline_classes=(Flux2KleinModularPipeline, Flux2KleinBaseModularPipeline),
+    choose_pipeline_class=klein_pipeline_class_name,
+    heavy_blocks={"text_encoder": TEXT_ENCODER, "vae_encoder": VAE, "denoise": DENOISER,
+                  "decode": VAE},
+    size_multiple=16,  # the VAE's 8 times the transformer's 2x2 patches
+    schedulers={"flow_match_euler": "FlowMatchEulerDiscreteScheduler"},
+    tiny_writer="blocks.flux2.tiny_model:write_tiny_flux2_klein",
+    tiny_options=("base",),
+))
 register_cache_hooks(Flux2TransformerCacheHooks())
-register_pipeline_class(Flux2KleinModularPipeline, "flux2-klein", klein_pipeline_class_name)
-register_pipeline_class(Flux2KleinBaseModularPipeline)
-# diffusers' classic pipeline: distilled or base by the index's `is_distilled`, as diffusers
-# picks the modular class for it.
-register_family(
-    ("Flux2KleinPipeline",),
-    lambda index: Flux2KleinAutoBlocks() if index.configs.get("is_distilled")
-    else Flux2KleinBaseAutoBlocks(),
-)
 register_module_names(Flux2Transformer2DModel, bfl_module_names)  # kohya LoRA files
 
 __all__ = [
+    "FAMILY",
     "Flux2KleinAutoBlocks",
     "Flux2KleinAutoDenoiseStep",
     "Flux2KleinAutoVaeEncoderStep",

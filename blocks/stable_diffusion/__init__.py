@@ -1,12 +1,13 @@
-"""Stable Diffusion 1.x/2.x as blocks, registered for checkpoints whose index names one of
-diffusers' SD pipelines (`StableDiffusionPipeline`, `...Img2ImgPipeline`, `...InpaintPipeline`,
-`StableDiffusionControlNetPipeline`) or a blockserve SD blocks class.
+"""Stable Diffusion 1.x/2.x as blocks: the `sd` family, declared at the bottom of this module
+for checkpoints whose index names one of diffusers' SD pipelines (`StableDiffusionPipeline`,
+`...Img2ImgPipeline`, `...InpaintPipeline`, `StableDiffusionControlNetPipeline`) or a
+blockserve SD blocks class.
 
 The tiny random-weight checkpoint factory lives in `blocks.stable_diffusion.tiny_model` and is
 not imported here.
 """
 
-from blocks.families import register_blocks_class, register_family, register_pipeline_class
+from blocks.families import DENOISER, TEXT_ENCODER, VAE, Family, register_family
 from blocks.stable_diffusion.before_denoise import (
     StableDiffusionGuidanceEmbeddingStep,
     StableDiffusionImg2ImgPrepareLatentsStep,
@@ -57,21 +58,35 @@ from blocks.stable_diffusion.modular_pipeline import StableDiffusionModularPipel
 from blocks.stable_diffusion.step_cache import UNetDeepCacheHooks
 from blocks.step_cache import register_cache_hooks
 
+FAMILY = register_family(Family(
+    name="sd",
+    blocks=StableDiffusionAutoBlocks,
+    checkpoint_classes={
+        "StableDiffusionPipeline": StableDiffusionAutoBlocks,
+        "StableDiffusionImg2ImgPipeline": StableDiffusionAutoBlocks,
+        "StableDiffusionInpaintPipeline": StableDiffusionAutoBlocks,
+        # A ControlNet checkpoint lists its `controlnet`: its blocks add the ControlNet branch
+        # (and, being a subclass, are StableDiffusionAutoBlocks otherwise).
+        "StableDiffusionControlNetPipeline": StableDiffusionControlNetAutoBlocks,
+    },
+    heavy_blocks={"text_encoder": TEXT_ENCODER, "vae_encoder": VAE, "denoise": DENOISER,
+                  "decode": VAE},
+    size_multiple=8,  # the VAE's scale factor
+    schedulers={
+        "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler",
+        "ddim": "DDIMScheduler",
+        "dpmpp_2m": "DPMSolverMultistepScheduler",
+        "lcm": "LCMScheduler",
+    },
+    tiny_writer="blocks.stable_diffusion.tiny_model:write_tiny_sd",
+    tiny_options=("controlnet", "depth", "inpaint"),
+    pipeline_classes=(StableDiffusionModularPipeline,),
+))
 register_cache_hooks(UNetDeepCacheHooks())
-register_pipeline_class(StableDiffusionModularPipeline, "stable-diffusion")
-register_blocks_class(StableDiffusionAutoBlocks)
-register_blocks_class(StableDiffusionControlNetAutoBlocks)
-register_family(
-    ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
-    lambda index: StableDiffusionAutoBlocks(),
-)
-# A ControlNet checkpoint lists its `controlnet`: its blocks add the ControlNet branch (and,
-# being a subclass, are StableDiffusionAutoBlocks otherwise).
-register_family(
-    ("StableDiffusionControlNetPipeline",), lambda index: StableDiffusionControlNetAutoBlocks()
-)
 
 __all__ = [
+    "FAMILY",
     "DepthProcessorBlock",
     "StableDiffusionAutoBlocks",
     "StableDiffusionAutoDenoiseStep",

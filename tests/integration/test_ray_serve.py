@@ -21,6 +21,7 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from blocks import ModularPipeline  # noqa: E402
+from blocks.families import get_family  # noqa: E402
 from deployments.remote_block import remote_pipeline_blocks  # noqa: E402
 from tests.integration.conftest import local_serve_app  # noqa: E402
 from tests.integration.step_batching import (  # noqa: E402
@@ -85,8 +86,8 @@ def embedded(ray_app):
 def _pipelines(ray_app) -> tuple[ModularPipeline, ModularPipeline]:
     local = ModularPipeline.from_pretrained(ray_app["path"])
     local.load_components(dtype=torch.float32)
-    remote = remote_pipeline_blocks(local.blocks, MODEL, ray_app["handles"]).init_pipeline(
-        ray_app["path"])
+    remote = remote_pipeline_blocks(local.blocks, MODEL, ray_app["handles"],
+                                    get_family("sd").heavy_blocks).init_pipeline(ray_app["path"])
     remote.load_components(dtype=torch.float32)
     for pipe in (local, remote):
         pipe.set_progress_bar_config(disable=True)

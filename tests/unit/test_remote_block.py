@@ -16,9 +16,11 @@ import torch
 
 from blocks import ModularPipeline
 from blocks.batch_invariance import batch_invariant
+from blocks.families import DENOISER, HEAVY_ROLES, TEXT_ENCODER, VAE, get_family
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
 from deployments.block_host import BlockHost
 from deployments.remote_block import (
+    ROLE_DEPLOYMENTS,
     BlockCall,
     BlockResult,
     RemoteBlock,
@@ -120,13 +122,14 @@ class FakeHandle:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     path = str(write_tiny_sd(tmp_path_factory.mktemp("sd") / "ckpt"))
-    models = {MODEL: {"path": path, "dtype": "float32", "device": "cpu"}}
-    hosts = {role: BlockHost(role, models) for role in ("TextEncoder", "Denoiser", "VAE")}
+    models = {MODEL: {"path": path, "family": "sd", "dtype": "float32", "device": "cpu"}}
+    hosts = {role: BlockHost(role, models) for role in HEAVY_ROLES}
     local = ModularPipeline.from_pretrained(path)
     local.load_components(dtype=torch.float32)
     local.set_progress_bar_config(disable=True)
-    handles = {role: FakeHandle(host) for role, host in hosts.items()}
-    remote = remote_pipeline_blocks(local.blocks, MODEL, handles).init_pipeline(path)
+    handles = {ROLE_DEPLOYMENTS[role]: FakeHandle(host) for role, host in hosts.items()}
+    remote = remote_pipeline_blocks(local.blocks, MODEL, handles,
+                                    get_family("sd").heavy_blocks).init_pipeline(path)
     remote.set_progress_bar_config(disable=True)
     return local, remote, hosts, path
 
@@ -138,9 +141,9 @@ COMMON = dict(prompt="a red fox", num_inference_steps=2, height=32, width=32,
 def test_hosts_load_only_their_roles_components(setup):
     _, remote, hosts, _ = setup
     heavy = {"unet", "vae", "text_encoder"}
-    assert set(hosts["Denoiser"].loaded()[MODEL]) & heavy == {"unet"}
-    assert set(hosts["VAE"].loaded()[MODEL]) & heavy == {"vae"}
-    assert set(hosts["TextEncoder"].loaded()[MODEL]) & heavy == {"text_encoder"}
+    assert set(hosts[DENOISER].loaded()[MODEL]) & heavy == {"unet"}
+    assert set(hosts[VAE].loaded()[MODEL]) & heavy == {"vae"}
+    assert set(hosts[TEXT_ENCODER].loaded()[MODEL]) & heavy == {"text_encoder"}
     assert {n for n, c in remote.components.items() if c is not None} <= {"scheduler"}
     assert isinstance(remote.blocks.sub_blocks["denoise"], RemoteBlock)
 
@@ -149,7 +152,8 @@ def test_a_hosts_execution_device_is_its_models_even_while_its_modules_are_offlo
     # The weight pool offloads an idle module to the meta device; a block that uses no module
     # (setting the timesteps) must still put its tensors on the model's device.
     path = setup[3]
-    host = BlockHost("Denoiser", {MODEL: {"path": path, "dtype": "float32", "device": "cpu"}})
+    host = BlockHost(DENOISER, {MODEL: {"path": path, "family": "sd", "dtype": "float32",
+                                        "device": "cpu"}})
     host.pipelines[MODEL].components["unet"].to("meta")
     assert host.pipelines[MODEL]._execution_device == torch.device("meta")
     components = host.components(BlockCall(MODEL, "denoise", []))
@@ -206,7 +210,7 @@ def test_the_denoise_block_streams_its_steps_and_shares_forwards_bit_exactly(set
 
     def run(together: bool) -> tuple[list, list]:
         scheduler = StepScheduler(workers=1, batch_window_s=0.0)
-        handle = FakeHandle(hosts["Denoiser"], scheduler)
+        handle = FakeHandle(hosts[DENOISER], scheduler)
         outcomes: list = [None] * len(requests)
         reports: list[list[StepReport]] = [[] for _ in requests]
         threads = []
@@ -253,7 +257,7 @@ def test_cancelling_a_stream_stops_its_request_at_the_next_step(setup):
     try:
         denoise, state = _encoded(remote, 7, 40)
         block = RemoteBlock(denoise.block, "denoise", MODEL,
-                            FakeHandle(hosts["Denoiser"], scheduler))
+                            FakeHandle(hosts[DENOISER], scheduler))
         stream = block.stream(remote, state, TaskOptions(pool="tiny"))
         steps = []
         with pytest.raises(TaskStopped):
@@ -291,10 +295,11 @@ class _Failing:
 
 def _remote_with(setup, errors):
     local, _, hosts, path = setup
-    handles = {role: FakeHandle(host) for role, host in hosts.items()}
-    failing = _Failing(hosts["Denoiser"], errors)
-    handles["Denoiser"].run = failing
-    pipe = remote_pipeline_blocks(local.blocks, MODEL, handles).init_pipeline(path)
+    handles = {ROLE_DEPLOYMENTS[role]: FakeHandle(host) for role, host in hosts.items()}
+    failing = _Failing(hosts[DENOISER], errors)
+    handles[ROLE_DEPLOYMENTS[DENOISER]].run = failing
+    pipe = remote_pipeline_blocks(local.blocks, MODEL, handles,
+                                  get_family("sd").heavy_blocks).init_pipeline(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe, failing
 

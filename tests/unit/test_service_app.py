@@ -191,16 +191,20 @@ def tiny_flux(tmp_path_factory) -> Path:
     return write_tiny_flux2_klein(tmp_path_factory.mktemp("flux") / "tiny-flux")
 
 
-def test_requests_get_schedulers_of_their_own_and_worker_pipelines_share_weights(
-        tiny_flux, monkeypatch):
-    from service import families
+def test_requests_get_schedulers_of_their_own_and_worker_pipelines_share_weights(tiny_flux):
+    from dataclasses import replace
 
-    flux = families.FAMILIES["flux2-klein"]
-    monkeypatch.setitem(families.FAMILIES, "flux2-klein", families.FamilySupport(
-        name=flux.name, size_factor=flux.size_factor, needs_path=True,
+    from blocks.families import get_family, register_family
+
+    # FLUX.2 with a second scheduler name, registered as a family of its own (opening no
+    # checkpoint class: the checkpoint still gets FLUX.2's blocks).
+    flux = get_family("flux2-klein")
+    register_family(replace(
+        flux, name="flux2-klein-two-schedulers", checkpoint_classes={},
         schedulers={**flux.schedulers, "flow_match_copy": "FlowMatchEulerDiscreteScheduler"},
     ))
-    models = parse_models({"models": {"flux": {"family": "flux2-klein", "path": str(tiny_flux),
+    models = parse_models({"models": {"flux": {"family": "flux2-klein-two-schedulers",
+                                               "path": str(tiny_flux),
                                                "defaults": {"size": "32x32"}}}}, tiny_flux)
     registry = ModelRegistry(models)
     model = registry.load("flux")

@@ -71,11 +71,12 @@ def test_generate_errors_exit_2_with_a_message(models_file, tmp_path, capsys, ar
 
 def test_an_invalid_models_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("models: {m: {family: sdxl}}")
+    bad.write_text("models: {m: {family: not-a-family}}")
     with pytest.raises(SystemExit) as exit_info:
         main(["models", "--models", str(bad)])
     assert exit_info.value.code == 2
-    assert "models.m.family" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "models.m.family" in err and "unknown family 'not-a-family'; known: " in err
 
 
 def test_version(capsys):

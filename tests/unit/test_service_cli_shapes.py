@@ -97,7 +97,7 @@ DEMO_MODELS = "models:\n  demo: {family: demo}\n"
         (["eval-shapes", "{ckpt}", "--guidance-scale", "nan"], "--guidance-scale: must be"),
         (["eval-shapes", "{ckpt}", "--grid", "grid.jpg"], "--grid must end in .png"),
         (["eval-shapes", "{tmp}"], "CHECKPOINT {tmp} is not a checkpoint folder"),
-        (["eval-shapes", "--models", "{tmp}/demo.yaml"], "'demo' is not a Stable Diffusion"),
+        (["eval-shapes", "--models", "{tmp}/demo.yaml"], "'demo' has no checkpoint"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(args, fragment, tmp_path, capsys) -> None:

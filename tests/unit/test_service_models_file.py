@@ -93,7 +93,9 @@ def test_defaults_and_allowed_sizes():
         ({"models": {}}, "models"),
         ({}, "models"),
         ([1, 2], "(top level)"),
-        (one(family="sdxl"), "models.m.family"),
+        (one(family="nope"), "models.m.family: Value error, unknown family 'nope'; known: demo, "
+                             "flux2-klein, sd"),
+        (one(family="demo", create_tiny="demo"), "built in"),
         (one(family="sd"), "needs a `path`"),
         (one(family="demo", path="/x"), "built in"),
         (one(family="sd", path="/x", create_tiny="flux2-klein"), "does not match family"),

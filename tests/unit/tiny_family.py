@@ -21,7 +21,7 @@ from blocks import (
     OutputParam,
     SequentialPipelineBlocks,
 )
-from blocks.families import register_blocks_class, register_family
+from blocks.families import Family, register_family
 from blocks.tiny_checkpoint import reseed_constant_tensors
 
 VAE_CONFIG = dict(
@@ -82,7 +82,6 @@ class TinyDecodeStep(ModularPipelineBlocks):
         return components, state
 
 
-@register_blocks_class
 class TinyTestBlocks(SequentialPipelineBlocks):
     block_classes = [TinyTextStep, TinyImageEncoderAuto, TinyDecodeStep]
     block_names = ["text_encoder", "image_encoder", "decode"]
@@ -92,7 +91,8 @@ class TinyTestBlocks(SequentialPipelineBlocks):
     }
 
 
-register_family(("TinyTestPipeline",), lambda index: TinyTestBlocks())
+register_family(Family(name="tiny-test", blocks=TinyTestBlocks,
+                       checkpoint_classes={"TinyTestPipeline": TinyTestBlocks}))
 
 
 def tiny_vae(seed: int) -> AutoencoderKL:

@@ -3,7 +3,8 @@
 It exercises every framework feature a real family uses (a from_config scheduler, a
 parameter-free "denoiser" module, an auto branch on `image`, a denoise loop with per-step
 sub-blocks, workflows) and paints the colour a prompt names, so its output is recognisable.
-Used by the unit tests and by the `blockserve demo` command; it is not a generative model.
+Used by the unit tests, the service's weight-free `demo` model and `python -m blocks.demo`; it
+is not a generative model.
 """
 
 from __future__ import annotations
