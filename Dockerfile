@@ -15,6 +15,7 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users blocks/ blocks/
 COPY --chown=ray:users service/ service/
 COPY --chown=ray:users deployments/ deployments/
+COPY --chown=ray:users recipes/ recipes/
 RUN pip install --no-cache-dir ".[ray]" "torch==${TORCH_VERSION}"
 # The trained default model (18.7 MB): service/models.yaml names it as ../assets/tiny-shapes-sd,
 # relative to itself, which is /app/assets here as in a checkout.

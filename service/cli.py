@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the models are built (cuda: seconds instead of minutes at "
                            "--size real); default cpu")
 
-    # Defaults left as None are blocks.shapes' own (the committed checkpoint's), so they are
+    # Defaults left as None are recipes.shapes' own (the committed checkpoint's), so they are
     # written down once and torch is not imported just to build this parser.
     train = commands.add_parser(
         "train-shapes", help="train the tiny shapes Stable Diffusion model on the CPU"
@@ -196,7 +196,7 @@ def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         parser.error(f"OUT_DIR {out} must be missing or an empty folder (--overwrite replaces "
                      "it; an interrupted run leaves nothing there)")
-    from blocks.shapes import training
+    from recipes.shapes import training
 
     start = time.perf_counter()
     path = training.train_shapes(out, seed=args.seed, vae_steps=args.vae_steps,
@@ -212,7 +212,7 @@ def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     checkpoint = args.checkpoint or _default_checkpoint(args, parser)
     if not (checkpoint / "model_index.json").is_file():
         parser.error(f"CHECKPOINT {checkpoint} is not a checkpoint folder (no model_index.json)")
-    from blocks.shapes import evaluation
+    from recipes.shapes import evaluation
     from service.torch_threads import apply_torch_threads
 
     apply_torch_threads()

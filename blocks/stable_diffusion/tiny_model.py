@@ -186,8 +186,7 @@ def write_tiny_sd(
         raise FileExistsError(f"{out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
 
-    vocab, merges = _build_clip_vocab()
-    _write_tokenizer(out / "tokenizer", vocab, merges)
+    vocab = write_clip_tokenizer(out / "tokenizer")
 
     def save(folder: str, seed: int, make: Callable[[], torch.nn.Module]) -> None:
         # One model at a time, on the CPU in `dtype` before the next is built.
@@ -307,10 +306,10 @@ def _build_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _write_tokenizer(
-    folder: pathlib.Path, vocab: dict[str, int], merges: list[tuple[str, str]]
-) -> None:
-    """Write the four files an SD 1.x ``tokenizer`` folder has (no ``tokenizer.json``)."""
+def write_clip_tokenizer(folder: pathlib.Path) -> dict[str, int]:
+    """Write the tiny offline CLIP tokenizer as the four files an SD 1.x ``tokenizer`` folder
+    has (no ``tokenizer.json``); returns its vocabulary."""
+    vocab, merges = _build_clip_vocab()
     folder.mkdir()
     # In id order, as CLIP's own vocab.json (dicts keep insertion order).
     _write_json(folder / "vocab.json", vocab, indent=None, sort_keys=False)
@@ -332,6 +331,7 @@ def _write_tokenizer(
         "tokenizer_class": "CLIPTokenizer",
     }
     _write_json(folder / "tokenizer_config.json", config)
+    return vocab
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blocks.shapes import training
+from recipes.shapes import training
 from service.cli import main
 from tests.unit.test_shapes_model import CHECKPOINT, one_torch_thread  # noqa: F401 (autouse)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blocks.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+from recipes.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from service.models_file import (
     ModelsFileError,
     expand_env,

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from blocks.shapes.dataset import (
+from recipes.shapes.dataset import (
     BACKGROUND_COLOURS,
     HELD_OUT_COMBINATIONS,
     PALETTE,
@@ -82,7 +82,7 @@ def test_held_out_combinations_are_made_of_words_seen_in_training() -> None:
 
 
 def test_unknown_names_are_rejected_with_the_valid_ones() -> None:
-    from blocks.shapes.dataset import draw_shape
+    from recipes.shapes.dataset import draw_shape
 
     with pytest.raises(ValueError, match="unknown shape 'hexagon'; valid: circle"):
         draw_shape("hexagon", "red", "blue", size=30, center=(32, 32))

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from blocks.pipeline import ModularPipeline
-from blocks.shapes.evaluation import (
+from recipes.shapes.evaluation import (
     THRESHOLDS,
     ShapesReport,
     evaluate_shapes,
     load_shapes_pipeline,
 )
-from blocks.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, train_shapes
+from recipes.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, train_shapes
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes-sd"
 MAX_WEIGHT_BYTES = 20 * 1024 * 1024

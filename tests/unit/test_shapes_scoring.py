@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 
-from blocks.shapes.dataset import PALETTE, all_combinations, draw_shape, sample_shape
-from blocks.shapes.scoring import NO_SHAPE, convex_hull_area, read_shape
+from recipes.shapes.dataset import PALETTE, all_combinations, draw_shape, sample_shape
+from recipes.shapes.scoring import NO_SHAPE, convex_hull_area, read_shape
 
 
 def test_scorer_reads_ground_truth_images() -> None:

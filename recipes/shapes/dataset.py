@@ -9,7 +9,7 @@ Some (shape, colour, background) combinations are never drawn for training
 (`HELD_OUT_COMBINATIONS`): evaluating on them measures whether a model composes words it has
 seen in other combinations, rather than recalling captions it was trained on.
 
-Shapes are upright and squares axis-aligned on purpose: the scorer in `blocks.shapes.scoring`
+Shapes are upright and squares axis-aligned on purpose: the scorer in `recipes.shapes.scoring`
 tells shapes apart by rotation-sensitive descriptors (extent), and a 64x64 model has no room to
 spare for rotations. Nothing here touches torch.
 """

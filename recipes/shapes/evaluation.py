@@ -2,9 +2,9 @@
 
 `evaluate_shapes` generates one image per prompt through blockserve's `ModularPipeline` (a
 fixed seed per prompt, the checkpoint's default step count and guidance) and reads each with
-`blocks.shapes.scoring`: is the background the asked-for colour, is the shape the asked-for
+`recipes.shapes.scoring`: is the background the asked-for colour, is the shape the asked-for
 colour, is it the asked-for shape. Prompts are split into combinations seen in training and
-held-out ones (`blocks.shapes.dataset.HELD_OUT_COMBINATIONS`); `format_report` prints the
+held-out ones (`recipes.shapes.dataset.HELD_OUT_COMBINATIONS`); `format_report` prints the
 table. It scores prompts of the dataset's form only.
 """
 
@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from blocks.shapes.dataset import (
+from blocks.step_cache import cache_methods, cacheable_component, step_cache_config, step_caching
+from recipes.shapes.dataset import (
     HELD_OUT_COMBINATIONS,
     Combination,
     caption,
     training_combinations,
 )
-from blocks.shapes.scoring import ShapeReading, read_shape
-from blocks.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
-from blocks.step_cache import cache_methods, cacheable_component, step_cache_config, step_caching
+from recipes.shapes.scoring import ShapeReading, read_shape
+from recipes.shapes.training import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 
 DEFAULT_PROMPT_COUNT = 50
 # What the committed checkpoint must reach (issue 11), per metric, over all prompts.

@@ -3,7 +3,7 @@
 The model is a real SD 1.x-family checkpoint at toy size: a CLIP text encoder with its
 tokenizer, a `UNet2DConditionModel`, an `AutoencoderKL` and a `DDIMScheduler`, written in
 diffusers' standard layout (`model_index.json` names `StableDiffusionPipeline`), so blockserve's
-SD blocks and diffusers' own pipeline load it alike. It draws what `blocks.shapes.dataset`
+SD blocks and diffusers' own pipeline load it alike. It draws what `recipes.shapes.dataset`
 draws: "a red circle on a blue background" at 64x64.
 
 The recipe, in two stages:
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from blocks.shapes.dataset import (
+from recipes.shapes.dataset import (
     IMAGE_SIZE,
     caption,
     sample_batch,
@@ -149,10 +149,9 @@ def build_tokenizer(folder: pathlib.Path):
     """The tiny SD factory's offline CLIP tokenizer (its corpus holds the shapes words)."""
     from transformers import CLIPTokenizer
 
-    from blocks.stable_diffusion.tiny_model import _build_clip_vocab, _write_tokenizer
+    from blocks.stable_diffusion.tiny_model import write_clip_tokenizer
 
-    vocab, merges = _build_clip_vocab()
-    _write_tokenizer(folder, vocab, merges)
+    write_clip_tokenizer(folder)
     return CLIPTokenizer.from_pretrained(folder)
 
 

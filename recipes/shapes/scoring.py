@@ -1,7 +1,7 @@
 """Reads back what a shapes image shows: background colour, shape colour and shape kind.
 
 A deterministic image analysis in numpy, used to score generated images against their
-prompts (`blocks.shapes.evaluation`):
+prompts (`recipes.shapes.evaluation`):
 
 1. colour segmentation: every pixel takes the nearest palette colour (RGB distance);
 2. background = the most common colour on the image border;
@@ -11,7 +11,7 @@ prompts (`blocks.shapes.evaluation`):
    solidity (area / convex-hull area: a star's points leave ~40% of its hull empty) and extent
    (area / bounding-box area: square ~1, circle ~pi/4, triangle ~1/2).
 
-It assumes what `blocks.shapes.dataset` draws (one upright shape, axis-aligned squares, a flat
+It assumes what `recipes.shapes.dataset` draws (one upright shape, axis-aligned squares, a flat
 background) and does not try to read arbitrary images. The thresholds are midpoints between
 the ideal shapes' descriptor values, fixed here, never tuned to a model's outputs.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from blocks.shapes.dataset import COLOURS, PALETTE
+from recipes.shapes.dataset import COLOURS, PALETTE
 
 NO_SHAPE = "none"
 # A shape smaller than this share of the image counts as "nothing drawn" (the smallest shape

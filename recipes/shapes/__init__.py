@@ -2,7 +2,7 @@
 tiny Stable Diffusion model on it on a CPU, and an image-analysis scorer that measures whether
 generated images show what their prompts ask for.
 
-    from blocks.shapes import train_shapes, evaluate_shapes, format_report
+    from recipes.shapes import train_shapes, evaluate_shapes, format_report
     train_shapes("out/tiny-shapes-sd", seed=0)            # ~47 minutes on one CPU core
     print(format_report(evaluate_shapes("out/tiny-shapes-sd")))
 
@@ -11,8 +11,8 @@ The committed result lives in `assets/tiny-shapes-sd/`. Nothing here is imported
 `import blocks`.
 """
 
-from blocks.shapes.dataset import HELD_OUT_COMBINATIONS, caption
-from blocks.shapes.evaluation import (
+from recipes.shapes.dataset import HELD_OUT_COMBINATIONS, caption
+from recipes.shapes.evaluation import (
     ShapesReport,
     evaluate_shapes,
     evaluation_combinations,
@@ -20,7 +20,7 @@ from blocks.shapes.evaluation import (
     load_shapes_pipeline,
     render_grid,
 )
-from blocks.shapes.training import (
+from recipes.shapes.training import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
     ShapesTrainingConfig,
