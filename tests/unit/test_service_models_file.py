@@ -93,8 +93,7 @@ def test_defaults_and_allowed_sizes():
         ({"models": {}}, "models"),
         ({}, "models"),
         ([1, 2], "(top level)"),
-        (one(family="nope"), "models.m.family: Value error, unknown family 'nope'; known: demo, "
-                             "flux2-klein, sd"),
+        (one(family="nope"), "models.m.family: Value error, unknown family 'nope'; known: demo"),
         (one(family="demo", create_tiny="demo"), "built in"),
         (one(family="sd"), "needs a `path`"),
         (one(family="demo", path="/x"), "built in"),
