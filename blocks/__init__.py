@@ -13,7 +13,7 @@ from blocks.composites import (
     LoopSequentialPipelineBlocks,
     SequentialPipelineBlocks,
 )
-from blocks.errors import GenerationCancelled
+from blocks.errors import GenerationCancelled, InvalidInput, Unavailable
 from blocks.insertable_dict import InsertableDict
 from blocks.loading import ComponentLoadError
 from blocks.pipeline import ModularPipeline
@@ -32,11 +32,13 @@ __all__ = [
     "GenerationCancelled",
     "InputParam",
     "InsertableDict",
+    "InvalidInput",
     "LoopSequentialPipelineBlocks",
     "ModularPipeline",
     "ModularPipelineBlocks",
     "OutputParam",
     "PipelineState",
     "SequentialPipelineBlocks",
+    "Unavailable",
     "combine_inputs",
 ]

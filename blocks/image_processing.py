@@ -15,14 +15,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blocks.errors import InvalidInput
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ImageInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Any]
 
 
 def check_output_type(output_type: str, owner: str) -> None:
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(
-            f"{owner}: output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
+        raise InvalidInput(
+            f"{owner}: output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}",
+            "output_type",
         )
 
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.specs import InputParam, OutputParam
 
 # PIL's SMOOTH kernel: what `ImageEnhance.Sharpness` blends away from.
@@ -39,8 +40,8 @@ def _as_tensor(images: Any, owner: str) -> tuple[torch.Tensor, str]:
         return torch.from_numpy(images).permute(0, 3, 1, 2), "np"
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] in (1, 3):
         return images, "pt"
-    raise ValueError(f"{owner}: images must be PIL images, a (B, H, W, C) float array or a "
-                     f"(B, C, H, W) image tensor (not latents), got {type(images).__name__}")
+    raise InvalidInput(f"{owner}: images must be PIL images, a (B, H, W, C) float array or a "
+                       f"(B, C, H, W) image tensor (not latents), got {type(images).__name__}")
 
 
 def _from_tensor(images: torch.Tensor, form: str, like: Any) -> Any:
@@ -115,7 +116,8 @@ class ImageFilterBlock(ModularPipelineBlocks):
                    for name in ("brightness", "contrast", "saturation", "sharpness")}
         negative = {name: value for name, value in factors.items() if value < 0}
         if negative:
-            raise ValueError(f"{self.path}: factors must be >= 0, got {negative}")
+            raise InvalidInput(f"{self.path}: factors must be >= 0, got {negative}",
+                               ", ".join(negative))
         if any(value != 1.0 for value in factors.values()):
             images, form = _as_tensor(block_state.images, self.path)
             adjusted = adjust_images(images.float(), **factors)
@@ -142,7 +144,7 @@ class UpscaleBlock(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         scale = block_state.scale
         if not scale > 0:
-            raise ValueError(f"{self.path}: scale must be > 0, got {scale}")
+            raise InvalidInput(f"{self.path}: scale must be > 0, got {scale}", "scale")
         images = block_state.images
         if isinstance(images, Image.Image):
             images = [images]

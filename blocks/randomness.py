@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from blocks.errors import InvalidInput
+
 Generator = torch.Generator | list[torch.Generator] | None
 
 
@@ -20,8 +22,8 @@ def randn(
         generator = generator[0]
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images; "
-                             "pass one generator, or one per image")
+            raise InvalidInput(f"got {len(generator)} generators for a batch of {shape[0]} "
+                               "images; pass one generator, or one per image", "generator")
         one = (1, *shape[1:])
         return torch.cat([
             torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generator

@@ -16,7 +16,8 @@ numbers it would have drawn in one process, which keeps images identical.
 Failures: a block call is a pure function of what it sends (generator states included), so a
 call whose replica died or became unreachable is sent once more — Serve routes it to a live
 replica. If that fails too, or the deployment's queue is full (`max_queued_requests`), the
-call raises `ReplicaUnavailable`, which the service answers with 503 and `Retry-After`.
+call raises `ReplicaUnavailable` (a `blocks.errors.Unavailable`), which the service answers
+with 503 and `Retry-After`.
 
 The block that holds a denoise loop streams instead (`RemoteBlock.stream`): the replica's step
 scheduler runs it with every other router's requests, and each step is reported back as it is
@@ -40,6 +41,7 @@ import torch
 
 from blocks.block import ModularPipelineBlocks
 from blocks.composites import CompositeBlocks
+from blocks.errors import Unavailable
 from blocks.families import DENOISER, TEXT_ENCODER, VAE, HeavyRole
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 from blocks.state import PipelineState
@@ -55,14 +57,14 @@ ROLE_DEPLOYMENTS: dict[HeavyRole, str] = {
 REPLICA_RETRY_AFTER_S = 5  # about what Serve needs to replace a dead replica
 
 
-class ReplicaUnavailable(RuntimeError):
+class ReplicaUnavailable(Unavailable):
     """No replica of `deployment` could run the call now; retry in `retry_after` seconds."""
 
     def __init__(self, deployment: str | None, reason: str,
                  retry_after: int = REPLICA_RETRY_AFTER_S) -> None:
-        super().__init__(f"deployment {deployment or 'unknown'} unavailable: {reason}")
+        super().__init__(f"deployment {deployment or 'unknown'} unavailable: {reason}",
+                         retry_after)
         self.deployment = deployment
-        self.retry_after = retry_after
 
 
 def _replica_failures() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:

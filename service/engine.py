@@ -55,6 +55,7 @@ import torch
 from blocks import ModularPipelineBlocks, PipelineState
 from blocks.batch_invariance import batch_invariant
 from blocks.composites import CompositeBlocks
+from blocks.errors import Unavailable
 from blocks.lora import adapters_for_call
 from blocks.stepping import ComponentsView
 from deployments.step_scheduler import POLICIES, Policy, StepReport, TaskOptions, TaskStopped
@@ -72,12 +73,11 @@ QUEUED, RUNNING = "queued", "running"  # where a job was when it stopped (a metr
 StepHook = Callable[[Sequence[GenerationJob], int], None]
 
 
-class EngineBusy(RuntimeError):
+class EngineBusy(Unavailable):
     """No job can be queued now; retry in about `retry_after` seconds."""
 
     def __init__(self, message: str, retry_after: int = 2) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after)
 
 
 class QueueFull(EngineBusy):

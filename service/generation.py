@@ -21,8 +21,7 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
-from blocks import GenerationCancelled
-from deployments.remote_block import ReplicaUnavailable
+from blocks import GenerationCancelled, InvalidInput, Unavailable
 from service.context import ServiceContext
 from service.engine import EngineBusy, QueueFull
 from service.errors import APIError
@@ -77,17 +76,18 @@ def outcome_error(error: BaseException, job: GenerationJob) -> APIError | None:
     if isinstance(error, GenerationCancelled):
         return APIError(499, "generation cancelled", None, "cancelled")
     # Queued when the engine stopped, or (Ray mode) a deployment died or is full.
-    if isinstance(error, (EngineBusy, ReplicaUnavailable)):
+    if isinstance(error, Unavailable):
         return APIError(503, f"server unavailable: {error}; retry later", None,
                         "server_busy", {"Retry-After": str(error.retry_after)})
     if isinstance(error, ModelNotReady):
         return APIError(503, str(error), "model", "model_unavailable")
     if isinstance(error, LoraLoadError):  # the server's adapter file, not the request
         return APIError(500, str(error), "loras", "lora_unavailable")
-    if isinstance(error, ValueError):
-        # Blocks reject inputs they can't use with a ValueError naming the block and the valid
-        # values (e.g. a reference image too small): the client's input, so a 400, not a 500.
-        return APIError(400, f"model '{job.model}' rejected the request: {error}", None,
+    if isinstance(error, InvalidInput):
+        # Blocks reject values they can't use naming the block, the input and what is allowed
+        # (e.g. a reference image too small): the client's input, so a 400. Any other error
+        # (a ValueError from a miswired block included) is a bug: a 500.
+        return APIError(400, f"model '{job.model}' rejected the request: {error}", error.param,
                         "invalid_input")
     return None
 

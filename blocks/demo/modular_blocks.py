@@ -22,6 +22,7 @@ from blocks.composites import (
     SequentialPipelineBlocks,
 )
 from blocks.image_processing import check_output_type, postprocess, to_pixels
+from blocks.prompts import check_images_per_prompt, prompt_list, repeat_per_prompt
 from blocks.randomness import randn
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 from blocks.stepping import ForwardBatch, ForwardRows, StepForward
@@ -51,10 +52,6 @@ def prompt_colour(prompt: str) -> tuple[float, float, float]:
     return tuple(b / 255 for b in digest[:3])  # type: ignore[return-value]
 
 
-def _prompt_list(prompt: str | list[str]) -> list[str]:
-    return [prompt] if isinstance(prompt, str) else list(prompt)
-
-
 class DemoTextEncoderStep(ModularPipelineBlocks):
     description = "Turns each prompt into an RGB target colour in [-1, 1]."
     inputs = [
@@ -69,11 +66,10 @@ class DemoTextEncoderStep(ModularPipelineBlocks):
 
     def __call__(self, components, state):
         block_state = self.get_block_state(state)
-        prompts = _prompt_list(block_state.prompt)
+        prompts = prompt_list(block_state.prompt, self.path)
+        n = check_images_per_prompt(block_state.num_images_per_prompt, self.path)
         colours = torch.tensor([prompt_colour(p) for p in prompts]) * 2 - 1  # (P, 3)
-        block_state.prompt_embeds = colours.repeat_interleave(
-            block_state.num_images_per_prompt, dim=0
-        )
+        block_state.prompt_embeds = repeat_per_prompt(colours, n)
         block_state.batch_size = block_state.prompt_embeds.shape[0]
         self.set_block_state(state, block_state)
         return components, state

@@ -17,6 +17,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.flux2 import latent_layout
 from blocks.randomness import randn
 from blocks.specs import ComponentSpec, InputParam, OutputParam
@@ -26,8 +27,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_NUM_INFERENCE_STEPS = 4  # what the step-distilled models are made for
 DEFAULT_SAMPLE_SIZE = 128  # latents a side by default: 128 * 8 = 1024 px
 
-# FLUX.2's scheduler: exponential shifting by the `mu` the pipeline passes. Used when no
-# checkpoint provides `scheduler/scheduler_config.json`.
+# FLUX.2's scheduler (the one place it is written down): exponential shifting by the `mu` the
+# pipeline passes. Used when no checkpoint provides `scheduler/scheduler_config.json`, and by
+# the tiny checkpoint. The klein pipeline passes explicit sigmas = linspace(1, 1/N, N) plus mu
+# from `compute_empirical_mu`, so with dynamic shifting the scheduler applies
+# exp(mu) / (exp(mu) + (1/sigma - 1)); base/max shift and the seq-len bounds are unused there
+# but kept at FLUX's values for callers that compute mu the FLUX.1 way.
 FLUX2_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "shift": 3.0,
@@ -89,8 +94,8 @@ class Flux2KleinPrepareLatentsStep(ModularPipelineBlocks):
             logger.warning("%s: height and width should be multiples of %d, got %dx%d; "
                            "rounding down", self.path, multiple_of, height, width)
         if height < multiple_of or width < multiple_of:
-            raise ValueError(f"{self.path}: height and width must be at least {multiple_of} px, "
-                             f"got {height}x{width}")
+            raise InvalidInput(f"{self.path}: height and width must be at least {multiple_of} px, "
+                               f"got {height}x{width}", "height")
         return int(height) // multiple_of, int(width) // multiple_of
 
     def __call__(self, components, state):
@@ -107,8 +112,8 @@ class Flux2KleinPrepareLatentsStep(ModularPipelineBlocks):
         else:
             noise = block_state.latents.to(device=device, dtype=dtype)
             if noise.shape != (batch_size, channels, height, width):
-                raise ValueError(f"{self.path}: latents have shape {tuple(noise.shape)}; "
-                                 f"expected {(batch_size, channels, height, width)}")
+                raise InvalidInput(f"{self.path}: latents have shape {tuple(noise.shape)}; "
+                                   f"expected {(batch_size, channels, height, width)}", "latents")
         block_state.latent_ids = latent_layout.latent_ids(batch_size, height, width, device)
         block_state.latents = latent_layout.pack(noise)
         self.set_block_state(state, block_state)
@@ -165,7 +170,8 @@ class Flux2KleinSetTimestepsStep(ModularPipelineBlocks):
         scheduler = components.scheduler
         steps = block_state.num_inference_steps
         if steps < 1:
-            raise ValueError(f"{self.path}: num_inference_steps must be >= 1, got {steps}")
+            raise InvalidInput(f"{self.path}: num_inference_steps must be >= 1, got {steps}",
+                               "num_inference_steps")
         sigmas = block_state.sigmas
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / steps, steps)

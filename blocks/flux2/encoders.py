@@ -24,8 +24,10 @@ from PIL import Image
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.flux2 import latent_layout
 from blocks.image_processing import to_pixels
+from blocks.prompts import check_images_per_prompt, prompt_list, repeat_per_prompt
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 
 DEFAULT_TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
@@ -42,18 +44,6 @@ def uses_guidance(components: Any, guidance_scale: float) -> bool:
     """Classifier-free guidance runs for the undistilled base model with a scale above 1;
     step-distilled checkpoints ignore `guidance_scale`."""
     return guidance_scale > 1 and not components.is_distilled
-
-
-def _prompt_list(prompt: Any, owner: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(
-        isinstance(p, str) for p in prompts
-    ):
-        raise ValueError(
-            f"{owner}: prompt must be a string or a non-empty list of strings, "
-            f"got {type(prompt).__name__}"
-        )
-    return prompts
 
 
 def encode_prompts(
@@ -94,13 +84,6 @@ def encode_prompts(
     return hidden.permute(0, 2, 1, 3).reshape(num_prompts, seq_len, num_layers * dim)
 
 
-def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
-    """(P, L, E) -> (P * n, L, E), prompt-major: the n images of prompt 0 come first."""
-    num_prompts, seq_len, _ = embeds.shape
-    embeds = embeds.repeat(1, num_images_per_prompt, 1)
-    return embeds.view(num_prompts * num_images_per_prompt, seq_len, -1)
-
-
 class Flux2KleinTextEncoderStep(ModularPipelineBlocks):
     model_name = "flux2-klein"
     description = (
@@ -134,19 +117,18 @@ class Flux2KleinTextEncoderStep(ModularPipelineBlocks):
     ]
 
     def _check(self, components: Any, block_state: Any) -> list[str]:
-        prompts = _prompt_list(block_state.prompt, self.path)
-        if block_state.num_images_per_prompt < 1:
-            raise ValueError(f"{self.path}: num_images_per_prompt must be >= 1, "
-                             f"got {block_state.num_images_per_prompt}")
+        prompts = prompt_list(block_state.prompt, self.path)
+        check_images_per_prompt(block_state.num_images_per_prompt, self.path)
         if block_state.max_sequence_length < 1:
-            raise ValueError(f"{self.path}: max_sequence_length must be >= 1, "
-                             f"got {block_state.max_sequence_length}")
+            raise InvalidInput(f"{self.path}: max_sequence_length must be >= 1, "
+                               f"got {block_state.max_sequence_length}", "max_sequence_length")
         num_hidden_states = components.text_encoder.config.num_hidden_layers + 1
         layers = block_state.text_encoder_out_layers
         bad = [k for k in layers if not -num_hidden_states <= k < num_hidden_states]
         if bad:
-            raise ValueError(f"{self.path}: text_encoder_out_layers {bad} out of range; the "
-                             f"text encoder has hidden states 0..{num_hidden_states - 1}")
+            raise InvalidInput(f"{self.path}: text_encoder_out_layers {bad} out of range; the "
+                               f"text encoder has hidden states 0..{num_hidden_states - 1}",
+                               "text_encoder_out_layers")
         return prompts
 
     def __call__(self, components, state):
@@ -182,16 +164,16 @@ def preprocess_reference_image(image: Any, multiple_of: int, owner: str) -> torc
     image is centre-cropped, never resized, down to the multiple.
     """
     if not isinstance(image, Image.Image):
-        raise ValueError(
+        raise InvalidInput(
             f"{owner}: reference images must be PIL images, got {type(image).__name__}"
         )
     width, height = image.size
     if width < REFERENCE_MIN_SIDE or height < REFERENCE_MIN_SIDE:
-        raise ValueError(f"{owner}: reference image is {width}x{height}; both sides must be at "
-                         f"least {REFERENCE_MIN_SIDE} px")
+        raise InvalidInput(f"{owner}: reference image is {width}x{height}; both sides must be at "
+                           f"least {REFERENCE_MIN_SIDE} px", "image")
     if max(width / height, height / width) > REFERENCE_MAX_ASPECT_RATIO:
-        raise ValueError(f"{owner}: reference image is {width}x{height}; the aspect ratio may "
-                         f"be at most {REFERENCE_MAX_ASPECT_RATIO}:1")
+        raise InvalidInput(f"{owner}: reference image is {width}x{height}; the aspect ratio may "
+                           f"be at most {REFERENCE_MAX_ASPECT_RATIO}:1", "image")
     if width * height > REFERENCE_MAX_AREA:
         scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
         image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
@@ -228,7 +210,7 @@ class Flux2KleinImagePreprocessStep(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         images = block_state.image if isinstance(block_state.image, list) else [block_state.image]
         if not images:
-            raise ValueError(f"{self.path}: image is an empty list")
+            raise InvalidInput(f"{self.path}: image is an empty list", "image")
         multiple_of = latent_layout.vae_scale_factor(components) * 2
         block_state.condition_images = [
             preprocess_reference_image(image, multiple_of, self.path) for image in images

@@ -26,6 +26,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.randomness import Generator, randn
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 from blocks.stable_diffusion.encoders import (
@@ -86,8 +87,9 @@ def single_generator(generator: Generator, batch_size: int, owner: str) -> Gener
         if len(generator) == 1:
             return generator[0]
         if len(generator) != batch_size:
-            raise ValueError(f"{owner}: got {len(generator)} generators for a batch of "
-                             f"{batch_size} images; pass one generator, or one per image")
+            raise InvalidInput(f"{owner}: got {len(generator)} generators for a batch of "
+                               f"{batch_size} images; pass one generator, or one per image",
+                               "generator")
     return generator
 
 
@@ -108,8 +110,8 @@ def image_index(num_images: int, batch_size: int, num_images_per_prompt: int, ow
         return list(range(batch_size))
     if num_images * num_images_per_prompt == batch_size:
         return [i // num_images_per_prompt for i in range(batch_size)]
-    raise ValueError(f"{owner}: got {num_images} images for {batch_size} outputs; pass one "
-                     "image, one per prompt, or one per output image")
+    raise InvalidInput(f"{owner}: got {num_images} images for {batch_size} outputs; pass one "
+                       "image, one per prompt, or one per output image", "image")
 
 
 def sample_image_latents(
@@ -151,17 +153,18 @@ def set_scheduler_timesteps(
     """Set the scheduler's schedule: `num_inference_steps` spaced by its config, or custom
     `timesteps` or `sigmas` where the scheduler takes them."""
     if timesteps is not None and sigmas is not None:
-        raise ValueError(f"{owner}: pass timesteps or sigmas, not both")
+        raise InvalidInput(f"{owner}: pass timesteps or sigmas, not both")
     custom = {"timesteps": timesteps, "sigmas": sigmas}
     custom = {name: value for name, value in custom.items() if value is not None}
     for name in custom:
         if name not in inspect.signature(scheduler.set_timesteps).parameters:
-            raise ValueError(f"{owner}: {type(scheduler).__name__} does not take custom {name}")
+            raise InvalidInput(f"{owner}: {type(scheduler).__name__} does not take custom {name}")
     if custom:
         scheduler.set_timesteps(device=device, **custom)
         return scheduler.timesteps, len(scheduler.timesteps)
     if num_inference_steps < 1:
-        raise ValueError(f"{owner}: num_inference_steps must be >= 1, got {num_inference_steps}")
+        raise InvalidInput(f"{owner}: num_inference_steps must be >= 1, got "
+                           f"{num_inference_steps}", "num_inference_steps")
     scheduler.set_timesteps(num_inference_steps, device=device)
     return scheduler.timesteps, num_inference_steps
 
@@ -219,7 +222,8 @@ class StableDiffusionImg2ImgSetTimestepsStep(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         strength = self.default_strength if block_state.strength is None else block_state.strength
         if not 0 <= strength <= 1:
-            raise ValueError(f"{self.path}: strength must be in [0, 1], got {strength}")
+            raise InvalidInput(f"{self.path}: strength must be in [0, 1], got {strength}",
+                               "strength")
         scheduler = components.scheduler
         _, steps = set_scheduler_timesteps(
             scheduler, block_state.num_inference_steps, components._execution_device,
@@ -231,8 +235,8 @@ class StableDiffusionImg2ImgSetTimestepsStep(ModularPipelineBlocks):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         if steps - t_start < 1:
-            raise ValueError(f"{self.path}: strength {strength} with {steps} steps leaves no "
-                             "step to run; raise strength or num_inference_steps")
+            raise InvalidInput(f"{self.path}: strength {strength} with {steps} steps leaves no "
+                               "step to run; raise strength or num_inference_steps", "strength")
         block_state.timesteps = timesteps
         block_state.num_inference_steps = steps - t_start
         block_state.latent_timestep = timesteps[:1].repeat(block_state.batch_size)
@@ -288,8 +292,8 @@ class StableDiffusionPrepareLatentsStep(ModularPipelineBlocks):
         else:
             latents = block_state.latents.to(device)
             if tuple(latents.shape) != shape:
-                raise ValueError(f"{self.path}: latents have shape {tuple(latents.shape)}; "
-                                 f"expected {shape}")
+                raise InvalidInput(f"{self.path}: latents have shape {tuple(latents.shape)}; "
+                                   f"expected {shape}", "latents")
         block_state.latents = latents * components.scheduler.init_noise_sigma
         block_state.height, block_state.width = height, width
         self.set_block_state(state, block_state)

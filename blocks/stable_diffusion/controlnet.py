@@ -16,6 +16,7 @@ from diffusers import ControlNetModel
 from PIL import Image
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 from blocks.stable_diffusion.before_denoise import scheduler_spec, unet_spec
 from blocks.stable_diffusion.denoise import (
@@ -82,8 +83,8 @@ class StableDiffusionControlNetInputStep(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         start, end = block_state.control_guidance_start, block_state.control_guidance_end
         if not 0.0 <= start < end <= 1.0:
-            raise ValueError(f"{self.path}: need 0 <= control_guidance_start < "
-                             f"control_guidance_end <= 1, got {start} and {end}")
+            raise InvalidInput(f"{self.path}: need 0 <= control_guidance_start < "
+                               f"control_guidance_end <= 1, got {start} and {end}")
         controlnet = components.controlnet
         factor = vae_scale_factor(components)
         image = preprocess_images(block_state.control_image, block_state.height,
@@ -96,8 +97,9 @@ class StableDiffusionControlNetInputStep(ModularPipelineBlocks):
         elif image.shape[0] * n == batch_size:
             repeat_by = n
         else:
-            raise ValueError(f"{self.path}: got {image.shape[0]} control images for "
-                             f"{batch_size // n} prompts; pass one, or one per prompt")
+            raise InvalidInput(f"{self.path}: got {image.shape[0]} control images for "
+                               f"{batch_size // n} prompts; pass one, or one per prompt",
+                               "control_image")
         image = image.repeat_interleave(repeat_by, dim=0)
         block_state.controlnet_cond = image.to(components._execution_device, controlnet.dtype)
         block_state.controlnet_keep = controlnet_keep(len(block_state.timesteps), start, end)

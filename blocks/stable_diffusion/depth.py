@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import DepthAnythingForDepthEstimation, DPTImageProcessorPil
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.image_processing import image_list
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 
@@ -66,8 +67,8 @@ class DepthProcessorBlock(ModularPipelineBlocks):
         depth_images = []
         for image in image_list(block_state.image):
             if not isinstance(image, Image.Image):
-                raise ValueError(f"{self.path}: image must be PIL image(s), "
-                                 f"got {type(image).__name__}")
+                raise InvalidInput(f"{self.path}: image must be PIL image(s), "
+                                   f"got {type(image).__name__}", "image")
             image = image.convert("RGB")
             # One image at a time: images may differ in size, and a map never depends on
             # its batch.

@@ -24,9 +24,16 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from blocks.block import ModularPipelineBlocks
+from blocks.errors import InvalidInput
 from blocks.image_processing import image_list, image_size, to_pixels
 from blocks.model_config import model_config
 from blocks.model_config import vae_scale_factor as shared_vae_scale_factor
+from blocks.prompts import (
+    check_images_per_prompt,
+    negative_prompt_list,
+    prompt_list,
+    repeat_per_prompt,
+)
 from blocks.specs import ComponentSpec, InputParam, OutputParam
 
 logger = logging.getLogger(__name__)
@@ -64,27 +71,6 @@ def uses_guidance(unet: Any, guidance_scale: float) -> bool:
 # -- text --------------------------------------------------------------------------------------
 
 
-def prompt_list(prompt: Any, owner: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{owner}: prompt must be a string or a non-empty list of strings, "
-                         f"got {type(prompt).__name__}")
-    return prompts
-
-
-def negative_prompt_list(negative_prompt: Any, num_prompts: int, owner: str) -> list[str]:
-    """The negative prompts, one per prompt: "" by default; a string applies to every prompt."""
-    if negative_prompt is None:
-        return [""] * num_prompts
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * num_prompts
-    negatives = prompt_list(negative_prompt, owner)
-    if len(negatives) != num_prompts:
-        raise ValueError(f"{owner}: got {len(negatives)} negative prompts for {num_prompts} "
-                         "prompts; pass one string, or one per prompt")
-    return negatives
-
-
 def encode_prompts(
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
@@ -113,13 +99,6 @@ def encode_prompts(
         final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         embeds = final_layer_norm(output.hidden_states[-(clip_skip + 1)])
     return embeds.to(dtype=text_encoder.dtype, device=device)
-
-
-def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
-    """(P, L, D) -> (P * n, L, D), prompt-major: the n images of prompt 0 come first."""
-    num_prompts, seq_len, _ = embeds.shape
-    embeds = embeds.repeat(1, num_images_per_prompt, 1)
-    return embeds.view(num_prompts * num_images_per_prompt, seq_len, -1)
 
 
 class StableDiffusionTextEncoderStep(ModularPipelineBlocks):
@@ -154,13 +133,12 @@ class StableDiffusionTextEncoderStep(ModularPipelineBlocks):
     def __call__(self, components, state):
         block_state = self.get_block_state(state)
         prompts = prompt_list(block_state.prompt, self.path)
-        n = block_state.num_images_per_prompt
-        if n < 1:
-            raise ValueError(f"{self.path}: num_images_per_prompt must be >= 1, got {n}")
+        n = check_images_per_prompt(block_state.num_images_per_prompt, self.path)
         clip_skip = block_state.clip_skip
         layers = components.text_encoder.config.num_hidden_layers
         if clip_skip is not None and not 0 <= clip_skip < layers:
-            raise ValueError(f"{self.path}: clip_skip must be in 0..{layers - 1}, got {clip_skip}")
+            raise InvalidInput(f"{self.path}: clip_skip must be in 0..{layers - 1}, got "
+                               f"{clip_skip}", "clip_skip")
         device = components._execution_device
         embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts, device,
                                 clip_skip=clip_skip)
@@ -194,7 +172,7 @@ def preprocess_images(
     """
     images = image_list(image)
     if not images:
-        raise ValueError("got an empty list of images")
+        raise InvalidInput("got an empty list of images", "image")
     if height is None or width is None:
         own_height, own_width = image_size(images[0])
         height = height or own_height - own_height % multiple_of
@@ -209,8 +187,8 @@ def preprocess_images(
 
 def check_size(height: int, width: int, multiple_of: int, owner: str) -> None:
     if height % multiple_of or width % multiple_of or height <= 0 or width <= 0:
-        raise ValueError(f"{owner}: height and width must be positive multiples of "
-                         f"{multiple_of}, got {height}x{width}")
+        raise InvalidInput(f"{owner}: height and width must be positive multiples of "
+                           f"{multiple_of}, got {height}x{width}", "height")
 
 
 def vae_input(pixels: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from blocks import InvalidInput
+from blocks.demo import DemoAutoBlocks, DemoAutoDenoise, DemoDecodeStep, DemoTextEncoderStep
 from service.app import create_app
 from service.auth import key_matches
 from service.engine import QueueFull
@@ -26,7 +28,7 @@ GENERATE = {"model": "demo", "prompt": "red", "seed": 1}
 class StubEngine:
     """An engine whose futures are decided by the test."""
 
-    def __init__(self, outcome: str) -> None:
+    def __init__(self, outcome: str | Exception) -> None:
         self.outcome = outcome
         self.jobs: list = []
 
@@ -50,8 +52,8 @@ class StubEngine:
         if self.outcome == "busy":
             raise QueueFull("64 jobs are already waiting", retry_after=7)
         future: Future = Future()
-        if self.outcome == "crash":
-            future.set_exception(RuntimeError("secret internal detail at /opt/weights"))
+        if isinstance(self.outcome, Exception):
+            future.set_exception(self.outcome)
         return future  # "hang": never resolves
 
 
@@ -68,7 +70,7 @@ def wait_ready(client: TestClient) -> None:
 
 
 def test_unexpected_errors_are_a_plain_500_logged_with_the_request_id(tmp_path, caplog):
-    app = make_app(tmp_path, engine=StubEngine("crash"))
+    app = make_app(tmp_path, engine=StubEngine(RuntimeError("secret detail at /opt/weights")))
     with TestClient(app, raise_server_exceptions=False) as client, \
             caplog.at_level(logging.ERROR, logger="blockserve.requests"):
         wait_ready(client)
@@ -80,6 +82,51 @@ def test_unexpected_errors_are_a_plain_500_logged_with_the_request_id(tmp_path, 
                      "type": "server_error", "param": None, "code": "internal_error"}
     assert "secret" not in response.text
     assert any(request_id in record.getMessage() for record in caplog.records)
+
+
+class ForgetfulDecodeStep(DemoDecodeStep):
+    """A wiring bug: declares `images` and never sets it."""
+
+    def __call__(self, components, state):
+        self.set_block_state(state, self.get_block_state(state))
+        return components, state
+
+
+class MiswiredBlocks(DemoAutoBlocks):
+    block_classes = [DemoTextEncoderStep, DemoAutoDenoise, ForgetfulDecodeStep]
+
+
+def test_a_wiring_bug_in_a_block_is_a_500_logged_with_the_request_id(tmp_path, caplog):
+    from dataclasses import replace
+
+    from blocks.families import get_family, register_family
+
+    register_family(replace(get_family("demo"), name="demo-miswired", blocks=MiswiredBlocks))
+    app = make_app(tmp_path, {"models": {"demo": {"family": "demo-miswired"}}})
+    with TestClient(app, raise_server_exceptions=False) as client, \
+            caplog.at_level(logging.ERROR, logger="blockserve.requests"):
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json=GENERATE)
+    assert response.status_code == 500  # a ValueError, but not the client's: no 400
+    request_id = response.headers["x-request-id"]
+    assert response.json()["error"]["message"] == f"internal server error; request id {request_id}"
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and "declared output 'images' was not set" in str(logged[0].exc_info[1])
+
+
+@pytest.mark.parametrize(("error", "status", "param"), [
+    (InvalidInput("vae_encoder.preprocess: reference image is 32x32; both sides must be at "
+                  "least 64 px", "image"), 400, "image"),
+    (ValueError("denoise.loop: declared output 'latents' was not set"), 500, None),
+])
+def test_only_invalid_input_from_the_blocks_is_the_clients_fault(tmp_path, error, status, param):
+    with TestClient(make_app(tmp_path, engine=StubEngine(error)),
+                    raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json=GENERATE)
+    body = response.json()["error"]
+    assert (response.status_code, body["param"]) == (status, param)
+    assert ("reference image is 32x32" in body["message"]) == (status == 400)  # 500s leak nothing
 
 
 def test_a_full_queue_is_429_with_the_engines_retry_after(tmp_path):
