@@ -64,16 +64,14 @@ from typing import Any, NamedTuple
 
 import torch
 
+from blocks.eviction import EvictionCandidate, plan_eviction
+
 logger = logging.getLogger(__name__)
 
 # Reasons an `OffloadRecord` is written; the first two put a module on the device.
 LOAD, LOAD_RETRY = "load", "load-retry"
 EVICT, EVICT_AFTER_OOM, ROLLBACK = "evict", "evict-oom", "rollback"
 _LOAD_REASONS = frozenset({LOAD, LOAD_RETRY})
-
-# The eviction search is exact for the handful of models a process holds; this bounds it
-# (keeping the best set found so far) should someone register hundreds of modules.
-_MAX_EVICTION_SEARCH_NODES = 200_000
 
 
 class ComponentOutOfMemoryError(RuntimeError):
@@ -162,14 +160,6 @@ class _Resident(NamedTuple):
 
 
 OffloadStrategy = Callable[[list[_Resident], str, Any, torch.device], list[Any]]
-
-
-class EvictionCandidate(NamedTuple):
-    """An idle resident component that `plan_eviction` may offload; `tick` orders by last use."""
-
-    id: str
-    bytes: int
-    tick: int
 
 
 @dataclass
@@ -833,63 +823,6 @@ class ComponentsManager:
             return False  # on the home device, "already there" means "offloaded"
         where = _device_of(entry.component)
         return where is not None and _same_device(where, policy.device)
-
-
-# ---------------------------------------------------------------------- eviction choice
-
-
-def plan_eviction(candidates: list[EvictionCandidate], need: int) -> list[str] | None:
-    """Ids of the set with the smallest total bytes >= `need`; None if no set is enough.
-
-    Among sets of equal total, the one whose most recently used member is least recent wins
-    (then the next member, and so on). Exact by branch and bound over candidates sorted
-    largest first; `_MAX_EVICTION_SEARCH_NODES` caps the search, keeping the best set so far.
-    """
-    if need <= 0:
-        return []
-    usable = sorted((c for c in candidates if c.bytes > 0), key=lambda c: (-c.bytes, c.tick))
-    if sum(c.bytes for c in usable) < need:
-        return None
-    suffix = [0] * (len(usable) + 1)  # suffix[i]: bytes of usable[i:]
-    for i in range(len(usable) - 1, -1, -1):
-        suffix[i] = suffix[i + 1] + usable[i].bytes
-
-    def key(chosen: list[EvictionCandidate]) -> tuple[int, tuple[int, ...]]:
-        return sum(c.bytes for c in chosen), tuple(sorted((c.tick for c in chosen), reverse=True))
-
-    best = _greedy_lru(usable, need)  # always valid, so the search only has to improve on it
-    best_key = key(best)
-    nodes = 0
-    chosen: list[EvictionCandidate] = []
-
-    def search(i: int, total: int) -> None:
-        nonlocal best, best_key, nodes
-        nodes += 1
-        if total >= need:
-            candidate_key = key(chosen)
-            if candidate_key < best_key:
-                best, best_key = list(chosen), candidate_key
-            return
-        if i == len(usable) or total + suffix[i] < need or nodes > _MAX_EVICTION_SEARCH_NODES:
-            return
-        if total + usable[i].bytes <= best_key[0]:  # only sets that can tie or beat the best
-            chosen.append(usable[i])
-            search(i + 1, total + usable[i].bytes)
-            chosen.pop()
-        search(i + 1, total)
-
-    search(0, 0)
-    return [c.id for c in best]
-
-
-def _greedy_lru(usable: list[EvictionCandidate], need: int) -> list[EvictionCandidate]:
-    chosen, total = [], 0
-    for candidate in sorted(usable, key=lambda c: c.tick):
-        chosen.append(candidate)
-        total += candidate.bytes
-        if total >= need:
-            break
-    return chosen
 
 
 # ---------------------------------------------------------------------- identity

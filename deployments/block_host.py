@@ -27,6 +27,7 @@ import torch
 from blocks import ModularPipeline
 from blocks.batch_invariance import batch_invariant
 from blocks.composites import SequentialPipelineBlocks
+from blocks.dtypes import DTYPES
 from blocks.families import HeavyRole, get_family
 from blocks.latent_rgb import LatentRGB, fit_latent_rgb
 from blocks.stepping import ComponentsView
@@ -35,7 +36,6 @@ from deployments.step_scheduler import DenoiseTask, TaskListener, TaskOptions
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BlockHost:

@@ -18,7 +18,7 @@ one copy per node: the first replica on another node pulls it there, the rest ma
 
 Offload: a replica drops a component's tensors (to the meta device) after `idle_offload_s`
 unused, or when its `memory_budget_bytes` needs the room (the smallest set of idle
-components, `blocks.components_manager.plan_eviction`); the next use acquires it again — a
+components, `blocks.eviction.plan_eviction`); the next use acquires it again — a
 pool hit, never a disk read.
 
 Failures: a replica's death loses nothing of the pool (the registry owns the bytes); its
@@ -46,7 +46,8 @@ import torch
 
 import blocks.batch_invariance  # noqa: F401  before any load: models keep its rerouted functions
 from blocks import ModularPipeline
-from blocks.components_manager import EvictionCandidate, plan_eviction
+from blocks.dtypes import DTYPES
+from blocks.eviction import EvictionCandidate, plan_eviction
 from deployments.weight_arena import (
     PackedModule,
     assign_tensors,
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 
 REGISTRY_NAME = "blockserve-component-registry"
 REGISTRY_NAMESPACE = "blockserve"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MISSED_HEARTBEATS = 3  # a replica silent this many heartbeats is gone
 
 

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from blocks.dtypes import DtypeName
 from blocks.families import Family, get_family
 from blocks.step_cache import InvalidStepCache, StepCacheConfig, step_cache_config
 
@@ -134,7 +135,7 @@ class ModelConfig(BaseModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     family: str = Field(description="A family registered in `blocks.families`.")
     path: str | None = Field(None, description="Checkpoint folder or Hub repo id.")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DtypeName = "float32"
     device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d{1,2})?)$")
     defaults: ModelDefaults = ModelDefaults()
     sizes: tuple[str, ...] = Field((), description="Allowed sizes; empty: only the default.")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from blocks import ComponentsManager, ModularPipeline, ModularPipelineBlocks
+from blocks.dtypes import DTYPES
 from blocks.families import Family
 from blocks.step_cache import (
     StepCacheConfig,
@@ -52,7 +53,6 @@ from service.models_file import ModelConfig, ModelsFile
 logger = logging.getLogger(__name__)
 
 PENDING, LOADING, READY, FAILED = "pending", "loading", "ready", "failed"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 BlocksTransform = Callable[["ModelConfig", ModularPipelineBlocks], ModularPipelineBlocks]
 

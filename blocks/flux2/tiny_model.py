@@ -31,7 +31,6 @@ import json
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers import (
@@ -46,6 +45,7 @@ from tokenizers.trainers import BpeTrainer
 from transformers import AddedToken, Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from blocks.flux2.before_denoise import FLUX2_SCHEDULER_CONFIG
 from blocks.tiny_checkpoint import (
     TINY_CORPUS,
     build_seeded,
@@ -198,29 +198,6 @@ QWEN3_CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-# The real FLUX.2 scheduler config: dynamic (resolution-dependent) exponential time shifting.
-# The klein pipeline passes explicit sigmas = linspace(1, 1/N, N) plus mu from
-# compute_empirical_mu; with use_dynamic_shifting the scheduler applies
-# exp(mu) / (exp(mu) + (1/sigma - 1)), so base/max shift and the seq-len bounds are unused there
-# but kept at FLUX's values for callers that compute mu the FLUX.1 way.
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "time_shift_type": "exponential",
-    "invert_sigmas": False,
-    "shift_terminal": None,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "stochastic_sampling": False,
-}
-
-
 def write_tiny_flux2_klein(
     out_dir: str | os.PathLike[str],
     *,
@@ -260,7 +237,7 @@ def write_tiny_flux2_klein(
         text_encoder = _build_text_encoder(tokenizer, seed + 1, arch, device).to("cpu", dtype)
         transformer = _build_transformer(seed + 2, arch, device).to("cpu", dtype)
         vae = _build_vae(seed + 3, arch, device).to("cpu", dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER_CONFIG)
 
     pipeline = Flux2KleinPipeline(
         scheduler=scheduler,

@@ -104,7 +104,7 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")[-5000:]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -120,7 +120,7 @@ def local_serve_app(args: dict) -> Iterator[str]:
     from deployments.weight_pool import shutdown_registry
     from service.ray_placement import build_app, init_local_ray
 
-    port = _free_port()
+    port = free_port()
     init_local_ray(num_cpus=2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -137,7 +137,7 @@ def local_serve_app(args: dict) -> Iterator[str]:
         ray.shutdown()
 
 
-def _blockserve_command() -> list[str]:
+def blockserve_command() -> list[str]:
     script = Path(sys.executable).with_name("blockserve")
     if script.exists():
         return [str(script)]
@@ -168,8 +168,8 @@ ENGINE_ENV = {
 }
 
 
-def _start(folder: Path, api_key: str | None, yaml_text: str | None = None,
-           extra_env: dict[str, str] | None = None, sd_max_steps: int = 4) -> LiveServer:
+def start_server(folder: Path, api_key: str | None, yaml_text: str | None = None,
+                 extra_env: dict[str, str] | None = None, sd_max_steps: int = 4) -> LiveServer:
     folder.mkdir(parents=True, exist_ok=True)
     models_file = folder / "models.yaml"
     with_flux = yaml_text is None
@@ -180,7 +180,7 @@ def _start(folder: Path, api_key: str | None, yaml_text: str | None = None,
     if SERVES_TINY_FLUX and with_flux:
         yaml_text += TINY_FLUX_YAML.format(tiny_flux_path=folder.parent / "tiny-flux")
     models_file.write_text(yaml_text)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BLOCKSERVE_API_KEYS": api_key or "",
@@ -194,7 +194,7 @@ def _start(folder: Path, api_key: str | None, yaml_text: str | None = None,
     log_path = folder / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [*_blockserve_command(), "serve", "--models", str(models_file),
+            [*blockserve_command(), "serve", "--models", str(models_file),
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
@@ -210,11 +210,11 @@ def _start(folder: Path, api_key: str | None, yaml_text: str | None = None,
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    _stop(server)
+    stop_server(server)
     raise RuntimeError(f"blockserve serve not ready after {READY_TIMEOUT_S}s:\n{server.log()}")
 
 
-def _stop(server: LiveServer) -> None:
+def stop_server(server: LiveServer) -> None:
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
         try:
@@ -234,23 +234,23 @@ def live_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def server(live_root: Path) -> Iterator[LiveServer]:
     """The server with auth on (key `API_KEY`)."""
-    live = _start(live_root / "auth-on", API_KEY)
+    live = start_server(live_root / "auth-on", API_KEY)
     yield live
-    _stop(live)
+    stop_server(live)
 
 
 @pytest.fixture(scope="session")
 def open_server(live_root: Path, server: LiveServer) -> Iterator[LiveServer]:
     """A second server with auth off (started after the first, so the tiny SD is written)."""
-    live = _start(live_root / "auth-off", None)
+    live = start_server(live_root / "auth-off", None)
     yield live
-    _stop(live)
+    stop_server(live)
 
 
 @pytest.fixture(scope="session")
 def engine_server(live_root: Path) -> Iterator[LiveServer]:
     """Auth off, test hooks on, a queue of `ENGINE_QUEUE_SIZE`, demo jobs of up to 200 steps,
     tiny SD jobs of up to 50."""
-    live = _start(live_root / "engine", None, ENGINE_YAML, ENGINE_ENV, sd_max_steps=50)
+    live = start_server(live_root / "engine", None, ENGINE_YAML, ENGINE_ENV, sd_max_steps=50)
     yield live
-    _stop(live)
+    stop_server(live)

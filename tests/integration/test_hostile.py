@@ -44,9 +44,9 @@ from tests.integration.conftest import (
     ENGINE_YAML,
     MAX_BODY_BYTES,
     LiveServer,
-    _blockserve_command,
-    _start,
-    _stop,
+    blockserve_command,
+    start_server,
+    stop_server,
 )
 from tests.integration.health_watch import HealthWatch
 from tests.integration.hostile_kit import BIG, counted, png, png_claiming, scrape
@@ -66,9 +66,9 @@ HOSTILE_ENV = {
 
 @pytest.fixture(scope="module")
 def hostile(live_root: Path) -> Iterator[LiveServer]:
-    live = _start(live_root / "hostile", API_KEY, ENGINE_YAML, HOSTILE_ENV)
+    live = start_server(live_root / "hostile", API_KEY, ENGINE_YAML, HOSTILE_ENV)
     yield live
-    _stop(live)
+    stop_server(live)
 
 
 @pytest.fixture(scope="module")
@@ -689,7 +689,7 @@ def test_api_keys_holding_no_key_stop_the_server_from_starting(tmp_path: Path) -
     models = tmp_path / "models.yaml"
     models.write_text(ENGINE_YAML)
     result = subprocess.run(
-        [*_blockserve_command(), "serve", "--models", str(models), "--port", "1"],
+        [*blockserve_command(), "serve", "--models", str(models), "--port", "1"],
         env={**__import__("os").environ, "BLOCKSERVE_API_KEYS": " , "}, capture_output=True,
         text=True, timeout=120)
     assert result.returncode == 2

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import DEMO_YAML, LiveServer, _free_port, _start, _stop
+from tests.integration.conftest import DEMO_YAML, LiveServer, free_port, start_server, stop_server
 from tests.unit.k8s_manifests import concrete, dashboard_queries, metric_names
 
 PROMETHEUS = shutil.which("prometheus")
@@ -30,9 +30,9 @@ DATA_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def scraped_server(live_root: Path) -> Iterator[LiveServer]:
-    live = _start(live_root / "prometheus-target", None, DEMO_YAML)
+    live = start_server(live_root / "prometheus-target", None, DEMO_YAML)
     yield live
-    _stop(live)
+    stop_server(live)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory,
         "  - job_name: blockserve\n"
         "    metrics_path: /metrics\n"
         f"    static_configs: [{{targets: ['{target}']}}]\n")
-    port = _free_port()
+    port = free_port()
     log = (folder / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",

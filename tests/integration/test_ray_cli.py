@@ -28,18 +28,13 @@ import pytest
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install '.[ray]')")
 httpx = pytest.importorskip("httpx")
 
+from tests.integration.conftest import free_port  # noqa: E402
 from tests.integration.health_watch import HealthWatch  # noqa: E402
 from tests.integration.hostile_kit import BIG, counted, png, png_claiming, scrape  # noqa: E402
 from tests.integration.test_ray_serve import MODELS_YAML  # noqa: E402
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 READ_TIMEOUT_S = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -62,7 +57,7 @@ def ray_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCli]:
     tmp_path = tmp_path_factory.mktemp("ray-cli")
     models_file = tmp_path / "models.yaml"
     models_file.write_text(MODELS_YAML.format(path=tmp_path / "tiny-sd"))
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     script = Path(sys.executable).with_name("blockserve")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]

@@ -18,13 +18,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from blocks.components_manager import (
-    ComponentOutOfMemoryError,
-    ComponentsManager,
-    EvictionCandidate,
-    OffloadRecord,
-    plan_eviction,
-)
+from blocks.components_manager import ComponentOutOfMemoryError, ComponentsManager, OffloadRecord
+from blocks.eviction import EvictionCandidate, plan_eviction
 
 # ---------------------------------------------------------------------- tiny real components
 
