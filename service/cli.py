@@ -6,9 +6,9 @@
                         one image, no server
     blockserve models [--models FILE]                                  the configured models
     blockserve tiny-model FAMILY OUT_DIR [--seed 0] [--OPTION ...] [--size real] [--device cuda]
-                        a random-weight checkpoint of a family (options: the family's variants,
-                        e.g. sd --controlnet --depth --inpaint); --size real: the family's real
-                        architecture (SD 1.5, FLUX.2-klein-4B) in bfloat16, for GPU checks
+                        a random-weight checkpoint of a family (--OPTION: a variant the family
+                        offers; an unknown one is answered with the list); --size real: the
+                        family's published architecture in bfloat16, for GPU checks
     blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
                         [--overwrite]
                         train the tiny shapes SD model on the CPU (47 min at the defaults)

@@ -116,3 +116,25 @@ def test_default_torch_threads_leave_a_core_free(cores, workers, environ, config
     from service.torch_threads import default_torch_threads
 
     assert default_torch_threads(workers, cores, environ, configured) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["demo"], "no tiny checkpoint for family 'demo'; choose from "),
+        (["sd", "--base"], "unrecognized arguments for family 'sd': --base; its options: "
+                           "--controlnet, --depth, --inpaint"),
+    ],
+)
+def test_tiny_model_checks_the_family_and_its_options(tmp_path, capsys, args, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny-model", args[0], str(tmp_path / "out"), *args[1:]])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_model_writes_the_familys_variant(tmp_path, capsys):
+    assert main(["tiny-model", "sd", str(tmp_path / "sd"), "--inpaint"]) == 0
+    assert '"in_channels": 9' in (tmp_path / "sd" / "unet" / "config.json").read_text()
+    assert f"wrote {tmp_path / 'sd'}" in capsys.readouterr().out
