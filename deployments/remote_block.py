@@ -41,7 +41,7 @@ import torch
 
 from blocks.block import ModularPipelineBlocks
 from blocks.composites import CompositeBlocks
-from blocks.errors import Unavailable
+from blocks.errors import InvalidInput, Unavailable
 from blocks.families import DENOISER, TEXT_ENCODER, VAE, HeavyRole
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 from blocks.state import PipelineState
@@ -297,6 +297,10 @@ class RemoteBlock(ModularPipelineBlocks):
         for attempt in (1, 2):
             try:
                 return self.handle.run.remote(call).result()
+            except InvalidInput as error:
+                # The caller's value, refused in the replica: Ray wraps it with the remote
+                # traceback (`cause` holds the original), which is not the caller's business.
+                raise getattr(error, "cause", error) from None
             except overloaded as error:
                 wait = getattr(error, "retry_after_s", None)
                 raise ReplicaUnavailable(self.deployment, f"queue full ({error})",
@@ -366,6 +370,8 @@ class RemoteStream:
                     self.steps = getattr(item, "step", self.steps)
                     yield item
                 raise RuntimeError(f"deployment {deployment}: the stream ended without a result")
+            except InvalidInput as error:  # the caller's value: as in `RemoteBlock._send`
+                raise getattr(error, "cause", error) from None
             except overloaded as error:
                 wait = getattr(error, "retry_after_s", None)
                 raise ReplicaUnavailable(deployment, f"queue full ({error})",

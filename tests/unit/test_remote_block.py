@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from blocks import ModularPipeline
+from blocks import InvalidInput, ModularPipeline
 from blocks.batch_invariance import batch_invariant
 from blocks.families import DENOISER, HEAVY_ROLES, TEXT_ENCODER, VAE, get_family
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
@@ -333,6 +333,20 @@ def test_replica_failures_become_replica_unavailable_with_retry_after(setup):
         pipe(generator=torch.Generator().manual_seed(7), **COMMON)
     assert failing.calls == 1  # an overloaded deployment is not hammered again
     assert busy.value.retry_after == 3
+
+
+def test_a_value_refused_in_the_replica_reaches_the_caller_as_its_own_invalid_input(setup):
+    from ray.exceptions import RayTaskError
+
+    refused = InvalidInput("denoise.set_timesteps: strength 0.01 with 2 steps leaves no step "
+                           "to run", "strength")
+    wrapped = RayTaskError("run", "Traceback (most recent call last): ...",
+                           refused).as_instanceof_cause()  # what a handle raises
+    pipe, failing = _remote_with(setup, [wrapped])
+    with pytest.raises(InvalidInput) as error:
+        pipe(generator=torch.Generator().manual_seed(7), **COMMON)
+    assert error.value is refused and error.value.param == "strength"
+    assert failing.calls == 1  # not retried: sending it again would be refused again
 
 
 def test_the_service_answers_replica_unavailable_with_503_and_retry_after():
