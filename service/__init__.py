@@ -2,7 +2,8 @@
 
 `service.app.create_app(settings)` builds the FastAPI app (embedded mode: models, engine and
 metrics in this process); `service.cli` is the command line (`serve`, `generate`, `models`,
-`demo`, `tiny-model`). `service` may import `deployments` and `blocks`; nothing imports `service`.
+`tiny-model`, `train-shapes`, `eval-shapes`). `service` may import `deployments` and `blocks`;
+nothing imports `service`.
 """
 
 from importlib.metadata import PackageNotFoundError, version

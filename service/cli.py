@@ -184,7 +184,7 @@ def run_tiny_model(args: argparse.Namespace, extra: list[str],
     try:
         path = family.write_tiny(args.out_dir, seed=args.seed, size=args.size, device=device,
                                  **options)
-    except ValueError as error:  # an option the size does not offer (e.g. sd --depth, real)
+    except ValueError as error:  # a variant the size does not offer (the family's writer says)
         parser.error(f"--size {args.size}: {error}")
     print(f"wrote {path}")
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blocks.dtypes import DTYPES
 from gpu_checks.engine import EngineRun, ServiceHarness
 from gpu_checks.memory import (
     MIB,
@@ -44,7 +45,6 @@ from gpu_checks.memory import (
 )
 from gpu_checks.runner import Budget, Outcome, log
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest max abs difference of [0, 1] images accepted between our pipeline and diffusers'.
 # float32 is what the unit tests hold on a CPU; in half precision the same ops in another
 # order may round differently, and twenty steps amplify it.
