@@ -239,7 +239,7 @@ def test_stale_checkpoint_staging_folders_are_removed(tmp_path):
     assert live.is_dir() and sibling.is_dir()
 
 
-def write_then_hang(out_dir: Path) -> Path:
+def write_then_hang(out_dir: Path, **_options: object) -> Path:
     """A tiny-checkpoint writer that stops half way (a process to `kill -9` there)."""
     out_dir.mkdir(parents=True)
     (out_dir / "half-written.bin").write_bytes(b"\0" * 1024)
@@ -247,26 +247,28 @@ def write_then_hang(out_dir: Path) -> Path:
     return out_dir
 
 
-def write_index_only(out_dir: Path) -> Path:
+def write_index_only(out_dir: Path, **_options: object) -> Path:
     out_dir.mkdir(parents=True)
     (out_dir / "model_index.json").write_text("{}")
     return out_dir
 
 
 def _tiny_sd_config(target: Path, writer: str):
+    """A models-file entry of SD declared again, as a family of its own, with `writer` as its
+    tiny-checkpoint writer (opening no checkpoint class: SD's own stay SD's)."""
     import dataclasses
 
+    from blocks.families import get_family, register_family
     from service.models_file import parse_models
-    from service.registry import FAMILIES
 
-    family = dataclasses.replace(FAMILIES["sd"], tiny_writer=writer)
-    config = parse_models({"models": {"t": {"family": "sd", "path": str(target),
-                                            "create_tiny": "sd"}}}, target.parent).models["t"]
-    return config, family
+    name = f"sd-{writer.rsplit(':', 1)[1].replace('_', '-')}"
+    register_family(dataclasses.replace(get_family("sd"), name=name, checkpoint_classes={},
+                                        tiny_writer=writer))
+    return parse_models({"models": {"t": {"family": name, "path": str(target),
+                                          "create_tiny": name}}}, target.parent).models["t"]
 
 
-def test_a_writer_killed_mid_checkpoint_leaves_nothing_after_the_next_start(tmp_path,
-                                                                           monkeypatch):
+def test_a_writer_killed_mid_checkpoint_leaves_nothing_after_the_next_start(tmp_path):
     """`kill -9` while the tiny checkpoint is written (the real `ensure_checkpoint`, its writer
     made to stop half way), then a start: the staging folder goes, the checkpoint is whole."""
     from service import registry
@@ -276,8 +278,8 @@ def test_a_writer_killed_mid_checkpoint_leaves_nothing_after_the_next_start(tmp_
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys; from pathlib import Path; from service import registry; "
         f"from {here} import _tiny_sd_config; "
-        f"config, family = _tiny_sd_config(Path(sys.argv[1]), '{here}:write_then_hang'); "
-        "registry.FAMILIES['sd'] = family; registry.ensure_checkpoint(config)"),
+        f"config = _tiny_sd_config(Path(sys.argv[1]), '{here}:write_then_hang'); "
+        "registry.ensure_checkpoint(config)"),
         str(target)], cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 120
@@ -288,9 +290,7 @@ def test_a_writer_killed_mid_checkpoint_leaves_nothing_after_the_next_start(tmp_
         writer.kill()
         writer.wait()
     assert list(tmp_path.glob(".tiny-sd-*"))  # what kill -9 leaves
-    config, family = _tiny_sd_config(target, f"{here}:write_index_only")
-    monkeypatch.setitem(registry.FAMILIES, "sd", family)
-    registry.ensure_checkpoint(config)  # the next start
+    registry.ensure_checkpoint(_tiny_sd_config(target, f"{here}:write_index_only"))  # next start
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert (target / "model_index.json").is_file()
 
