@@ -71,7 +71,7 @@ def _register_unpickled(module: torch.nn.Module) -> None:
     transformers (5.x) keeps, per model class, which outputs its hooks can record
     (`output_hidden_states=True`) in a registry that `PreTrainedModel.__init__` fills. In a
     replica that never constructed the class, an unpickled model would silently return no
-    hidden states (FLUX.2's text encoder needs them).
+    hidden states (a family that reads its text encoder's hidden states needs them).
     """
     try:
         from transformers import PreTrainedModel

@@ -11,7 +11,7 @@
                         family's published architecture in bfloat16, for GPU checks
     blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
                         [--overwrite]
-                        train the tiny shapes SD model on the CPU (47 min at the defaults)
+                        train the tiny shapes model on the CPU (47 min at the defaults)
     blockserve eval-shapes [CHECKPOINT] [--prompts 50] [--steps N] [--guidance-scale G]
                         [--seed 0] [--grid grid.png] [--per-prompt] [--models FILE]
                         [--step-cache METHOD]
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults left as None are recipes.shapes' own (the committed checkpoint's), so they are
     # written down once and torch is not imported just to build this parser.
     train = commands.add_parser(
-        "train-shapes", help="train the tiny shapes Stable Diffusion model on the CPU"
+        "train-shapes", help="train the tiny shapes model on the CPU"
     )
     train.add_argument("out_dir", type=Path, help="where to write it (missing or empty)")
     train.add_argument("--seed", type=int, default=0)

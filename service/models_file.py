@@ -4,10 +4,10 @@ A YAML mapping from a model name (the `model` of a request) to its configuration
 by pydantic so a bad file fails at start with every problem named:
 
     models:
-      tiny-sd:
-        family: sd                      # a family registered in blocks (blocks.families)
-        path: ${BLOCKSERVE_CACHE_DIR:-~/.cache/blockserve}/tiny-sd   # folder or Hub repo id
-        create_tiny: sd                 # write the family's tiny checkpoint at `path` if missing
+      my-model:
+        family: my-family               # a family registered in blocks (blocks.families)
+        path: ${BLOCKSERVE_CACHE_DIR:-~/.cache/blockserve}/my-model  # folder or Hub repo id
+        create_tiny: my-family          # write the family's tiny checkpoint at `path` if missing
         dtype: float32                  # float32 | float16 | bfloat16
         device: cpu                     # cpu | cuda | cuda:N | mps
         defaults: {steps: 4, guidance_scale: 7.5, size: 64x64}

@@ -1,8 +1,8 @@
 """Progress previews at the output size.
 
 The latents -> RGB map itself is fitted per model on its own VAE (`service.latent_rgb`); a
-preview is made at the latents' resolution (1/8 of the output for SD). Here it is scaled up
-for display. It is an impression of where the image is going, not the image.
+preview is made at the latents' resolution (1/8 of the output for a VAE that scales by 8).
+Here it is scaled up for display. It is an impression of where the image is going, not the image.
 
 Not handled here: decoding with a real (or tiny) VAE every k steps.
 """

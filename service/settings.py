@@ -7,7 +7,7 @@ line flags override the environment (`Settings.from_env(port=...)`).
     BLOCKSERVE_HOST              127.0.0.1
     BLOCKSERVE_PORT              8000
     BLOCKSERVE_MODELS_FILE       the packaged service/models.yaml (the trained shapes model,
-                                 then a random-weight tiny SD model)
+                                 then a random-weight tiny model)
     BLOCKSERVE_API_KEYS          comma-separated bearer keys; unset or empty = no auth (a value
                                  holding no key, such as " , ", is an error, not "no auth")
     BLOCKSERVE_PUBLIC_URL        the URL clients reach the service at (https://images.example);
