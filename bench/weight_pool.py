@@ -4,7 +4,7 @@ each replica loading its own copy.
 Writes an SD checkpoint whose text encoder is CLIP-sized (hidden 768, 6 layers, ~170 MB in
 float32; the rest is the tiny test model), starts a fresh local Ray cluster per run and, on
 it, N replica actors running exactly what a `TextEncoder` deployment replica runs
-(`deployments.block_host.BlockHost("TextEncoder", ...)`, with or without
+(`deployments.block_host.BlockHost(TEXT_ENCODER, ...)`, with or without
 `deployments.weight_pool.PooledWeights`). For N = 1 and N = 2, in both modes, it measures
 every process of the cluster (raylet, registry, workers; those that start or exit in between
 are left out) before the replicas load their weights and after they loaded them and encoded
@@ -94,14 +94,16 @@ def run(path: Path, warmup: Path, dtype: str, replicas: int, pooled: bool) -> di
             def load(self, path: str, dtype: str, pooled: bool) -> None:
                 import torch
 
+                from blocks.families import TEXT_ENCODER
                 from deployments.block_host import BlockHost
                 from deployments.weight_pool import PooledWeights, get_registry
 
                 if pooled and self.pool is None:
                     self.pool = PooledWeights(get_registry(),
                                               ray.get_runtime_context().get_actor_id())
-                models = {MODEL: {"path": path, "dtype": dtype, "device": "cpu"}}
-                host = BlockHost("TextEncoder", models, pool=self.pool if pooled else None)
+                models = {MODEL: {"path": path, "family": "sd", "dtype": dtype,
+                                  "device": "cpu"}}
+                host = BlockHost(TEXT_ENCODER, models, pool=self.pool if pooled else None)
                 self.hosts.append(host)
                 pipe = host.pipelines[MODEL]
                 ids = torch.arange(8).unsqueeze(0) % pipe.components["tokenizer"].vocab_size
