@@ -160,11 +160,12 @@ class RayPlacement:
         with self._lock:
             if self._ready is not None and time.monotonic() - self._ready[0] < READY_CACHE_S:
                 return True, self._ready[1]
-        states = {role: _probe(handle) for role, handle in self.handles.items()}
+        states = {name: _probe(handle) for name, handle in self.handles.items()}
         ready = all(state == "ready" for state in states.values())
+        detail = {"deployments": states}  # the cached answer is the same detail
         with self._lock:
-            self._ready = (time.monotonic(), states) if ready else None
-        return ready, {"deployments": states}
+            self._ready = (time.monotonic(), detail) if ready else None
+        return ready, detail
 
     def describe(self, model: str) -> dict[str, Any] | None:
         """{block: {deployment, replicas}} for the heavy blocks of `model`, and under

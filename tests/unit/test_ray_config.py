@@ -93,3 +93,7 @@ def test_ray_mode_is_ready_only_when_every_deployment_answers():
     assert starting.responses[-1].cancelled  # the probe does not stay queued
     starting.outcome = None
     assert placement.ready() == (True, {"deployments": dict.fromkeys(handles, "ready")})
+    # Asked again within the cache time: the same answer, without probing.
+    probes = len(starting.responses)
+    assert placement.ready() == (True, {"deployments": dict.fromkeys(handles, "ready")})
+    assert len(starting.responses) == probes
