@@ -5,16 +5,22 @@ Every family's text encoder uses these, so a bad prompt gets the same `InvalidIn
 the block and the input everywhere, and `num_images_per_prompt` orders images the same way
 (prompt-major: the n images of prompt 0 come first, as in diffusers).
 
-Not handled here: tokenizing and encoding (each family's `encoders`).
+Tokenizing pads every prompt to the tokenizer's `model_max_length` (77 for CLIP) and warns
+when a prompt was cut.
+
+Not handled here: encoding (each family's `encoders`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from blocks.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
 
 
 def prompt_list(prompt: Any, owner: str, name: str = "prompt") -> list[str]:
@@ -46,6 +52,25 @@ def check_images_per_prompt(num_images_per_prompt: int, owner: str) -> int:
     return num_images_per_prompt
 
 
+def check_clip_skip(clip_skip: int | None, num_layers: int, owner: str) -> None:
+    """`clip_skip` (layers to skip from the end of a text encoder) must leave a layer."""
+    if clip_skip is not None and not 0 <= clip_skip < num_layers:
+        raise InvalidInput(f"{owner}: clip_skip must be in 0..{num_layers - 1}, got {clip_skip}",
+                           "clip_skip")
+
+
 def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
     """(P, ...) -> (P * n, ...), prompt-major: the n images of prompt 0 come first."""
     return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def tokenize_padded(tokenizer: Any, prompts: list[str], max_length: int | None = None) -> Any:
+    """`prompts` padded (and truncated) to `max_length`, by default the tokenizer's
+    `model_max_length`, as PyTorch tensors; a warning when a prompt was truncated."""
+    max_length = max_length or tokenizer.model_max_length
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                       return_tensors="pt")
+    untruncated = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] > max_length:
+        logger.warning("prompts were truncated to %d tokens", max_length)
+    return tokens

@@ -17,6 +17,8 @@ It deliberately knows nothing about any one family.
 
 from __future__ import annotations
 
+import json
+import pathlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -104,3 +106,11 @@ def build_seeded(
         model = build()
     reseed_constant_tensors(model, seed)
     return model.eval()
+
+
+def write_json(
+    path: pathlib.Path, data: object, *, indent: int | None = 2, sort_keys: bool = True
+) -> None:
+    """JSON as diffusers' and transformers' `save_pretrained` write it (sorted, indent 2)."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")

@@ -3,55 +3,22 @@ for checkpoints whose index names one of diffusers' SD pipelines (`StableDiffusi
 `...Img2ImgPipeline`, `...InpaintPipeline`, `StableDiffusionControlNetPipeline`) or a
 blockserve SD blocks class.
 
-The tiny random-weight checkpoint factory lives in `blocks.stable_diffusion.tiny_model` and is
-not imported here.
+Only the text encoder and the assembly are SD's own: the other stages come from the UNet
+latent-diffusion framework modules (`blocks.unet_*`). The tiny random-weight checkpoint factory
+lives in `blocks.stable_diffusion.tiny_model` and is not imported here.
 """
 
 from blocks.families import DENOISER, TEXT_ENCODER, VAE, Family, register_family
-from blocks.stable_diffusion.before_denoise import (
-    StableDiffusionGuidanceEmbeddingStep,
-    StableDiffusionImg2ImgPrepareLatentsStep,
-    StableDiffusionImg2ImgSetTimestepsStep,
-    StableDiffusionInpaintPrepareLatentsStep,
-    StableDiffusionInpaintPrepareMaskLatentsStep,
-    StableDiffusionInpaintSetTimestepsStep,
-    StableDiffusionPrepareLatentsStep,
-    StableDiffusionSetTimestepsStep,
-)
-from blocks.stable_diffusion.controlnet import (
-    StableDiffusionControlNetDenoiseLoop,
-    StableDiffusionControlNetInputStep,
-    StableDiffusionControlNetLoopDenoiser,
-)
-from blocks.stable_diffusion.decoders import StableDiffusionDecodeStep
-from blocks.stable_diffusion.denoise import (
-    StableDiffusionDenoiseLoop,
-    StableDiffusionInpaintDenoiseLoop,
-    StableDiffusionInpaintLoopAfterDenoiser,
-    StableDiffusionInpaintLoopBeforeDenoiser,
-    StableDiffusionLoopAfterDenoiser,
-    StableDiffusionLoopBeforeDenoiser,
-    StableDiffusionLoopDenoiser,
-)
 from blocks.stable_diffusion.depth import DepthProcessorBlock
-from blocks.stable_diffusion.encoders import (
-    StableDiffusionImagePreprocessStep,
-    StableDiffusionInpaintPreprocessStep,
-    StableDiffusionInpaintVaeEncodeStep,
-    StableDiffusionTextEncoderStep,
-    StableDiffusionVaeEncodeStep,
-)
+from blocks.stable_diffusion.encoders import StableDiffusionTextEncoderStep
 from blocks.stable_diffusion.modular_blocks import (
     StableDiffusionAutoBlocks,
     StableDiffusionAutoDenoiseStep,
-    StableDiffusionAutoVaeEncoderStep,
     StableDiffusionControlNetAutoBlocks,
     StableDiffusionControlNetAutoDenoiseStep,
     StableDiffusionControlNetDenoiseStep,
     StableDiffusionImg2ImgDenoiseStep,
-    StableDiffusionImg2ImgVaeEncoderStep,
     StableDiffusionInpaintDenoiseStep,
-    StableDiffusionInpaintVaeEncoderStep,
     StableDiffusionText2ImageDenoiseStep,
 )
 from blocks.stable_diffusion.modular_pipeline import StableDiffusionModularPipeline
@@ -90,38 +57,12 @@ __all__ = [
     "DepthProcessorBlock",
     "StableDiffusionAutoBlocks",
     "StableDiffusionAutoDenoiseStep",
-    "StableDiffusionAutoVaeEncoderStep",
     "StableDiffusionControlNetAutoBlocks",
     "StableDiffusionControlNetAutoDenoiseStep",
-    "StableDiffusionControlNetDenoiseLoop",
     "StableDiffusionControlNetDenoiseStep",
-    "StableDiffusionControlNetInputStep",
-    "StableDiffusionControlNetLoopDenoiser",
-    "StableDiffusionDecodeStep",
-    "StableDiffusionDenoiseLoop",
-    "StableDiffusionGuidanceEmbeddingStep",
-    "StableDiffusionImagePreprocessStep",
     "StableDiffusionImg2ImgDenoiseStep",
-    "StableDiffusionImg2ImgPrepareLatentsStep",
-    "StableDiffusionImg2ImgSetTimestepsStep",
-    "StableDiffusionImg2ImgVaeEncoderStep",
-    "StableDiffusionInpaintDenoiseLoop",
     "StableDiffusionInpaintDenoiseStep",
-    "StableDiffusionInpaintLoopAfterDenoiser",
-    "StableDiffusionInpaintLoopBeforeDenoiser",
-    "StableDiffusionInpaintPrepareLatentsStep",
-    "StableDiffusionInpaintPrepareMaskLatentsStep",
-    "StableDiffusionInpaintPreprocessStep",
-    "StableDiffusionInpaintSetTimestepsStep",
-    "StableDiffusionInpaintVaeEncodeStep",
-    "StableDiffusionInpaintVaeEncoderStep",
-    "StableDiffusionLoopAfterDenoiser",
-    "StableDiffusionLoopBeforeDenoiser",
-    "StableDiffusionLoopDenoiser",
     "StableDiffusionModularPipeline",
-    "StableDiffusionPrepareLatentsStep",
-    "StableDiffusionSetTimestepsStep",
     "StableDiffusionText2ImageDenoiseStep",
     "StableDiffusionTextEncoderStep",
-    "StableDiffusionVaeEncodeStep",
 ]

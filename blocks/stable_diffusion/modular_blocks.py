@@ -11,58 +11,29 @@ inpaints, `image` alone edits, otherwise text to image. `StableDiffusionControlN
 adds a ControlNet text-to-image branch, chosen when `control_image` is given. The scheduler is
 whatever `pipe.update_components(scheduler=...)` sets; the blocks only use diffusers'
 generic scheduler interface.
+
+Only the text encoder is SD's own; every other stage is the UNet latent-diffusion framework's
+(`blocks.unet_vae`, `blocks.unet_latents`, `blocks.unet_denoise`, `blocks.unet_controlnet`),
+which SDXL shares. Not handled here: the stages themselves.
 """
 
 from __future__ import annotations
 
 from blocks.composites import AutoPipelineBlocks, SequentialPipelineBlocks
-from blocks.stable_diffusion.before_denoise import (
-    StableDiffusionGuidanceEmbeddingStep,
-    StableDiffusionImg2ImgPrepareLatentsStep,
-    StableDiffusionImg2ImgSetTimestepsStep,
-    StableDiffusionInpaintPrepareLatentsStep,
-    StableDiffusionInpaintPrepareMaskLatentsStep,
-    StableDiffusionInpaintSetTimestepsStep,
-    StableDiffusionPrepareLatentsStep,
-    StableDiffusionSetTimestepsStep,
+from blocks.stable_diffusion.encoders import StableDiffusionTextEncoderStep
+from blocks.unet_controlnet import UNetControlNetDenoiseLoop, UNetControlNetInputStep
+from blocks.unet_denoise import UNetDenoiseLoop, UNetInpaintDenoiseLoop
+from blocks.unet_latents import (
+    UNetGuidanceEmbeddingStep,
+    UNetImg2ImgPrepareLatentsStep,
+    UNetImg2ImgSetTimestepsStep,
+    UNetInpaintPrepareLatentsStep,
+    UNetInpaintPrepareMaskLatentsStep,
+    UNetInpaintSetTimestepsStep,
+    UNetPrepareLatentsStep,
+    UNetSetTimestepsStep,
 )
-from blocks.stable_diffusion.controlnet import (
-    StableDiffusionControlNetDenoiseLoop,
-    StableDiffusionControlNetInputStep,
-)
-from blocks.stable_diffusion.decoders import StableDiffusionDecodeStep
-from blocks.stable_diffusion.denoise import (
-    StableDiffusionDenoiseLoop,
-    StableDiffusionInpaintDenoiseLoop,
-)
-from blocks.stable_diffusion.encoders import (
-    StableDiffusionImagePreprocessStep,
-    StableDiffusionInpaintPreprocessStep,
-    StableDiffusionInpaintVaeEncodeStep,
-    StableDiffusionTextEncoderStep,
-    StableDiffusionVaeEncodeStep,
-)
-
-# -- encoders ----------------------------------------------------------------------------------
-
-
-class StableDiffusionImg2ImgVaeEncoderStep(SequentialPipelineBlocks):
-    description = "Preprocesses the image to edit and encodes it to a VAE posterior."
-    block_classes = [StableDiffusionImagePreprocessStep, StableDiffusionVaeEncodeStep]
-    block_names = ["preprocess", "encode"]
-
-
-class StableDiffusionInpaintVaeEncoderStep(SequentialPipelineBlocks):
-    description = "Preprocesses the image and mask and encodes the image and masked image."
-    block_classes = [StableDiffusionInpaintPreprocessStep, StableDiffusionInpaintVaeEncodeStep]
-    block_names = ["preprocess", "encode"]
-
-
-class StableDiffusionAutoVaeEncoderStep(AutoPipelineBlocks):
-    block_classes = [StableDiffusionInpaintVaeEncoderStep, StableDiffusionImg2ImgVaeEncoderStep]
-    block_names = ["inpaint", "image2image"]
-    block_trigger_inputs = ["mask_image", "image"]
-
+from blocks.unet_vae import UNetAutoVaeEncoderStep, UNetDecodeStep
 
 # -- denoise -----------------------------------------------------------------------------------
 
@@ -70,10 +41,10 @@ class StableDiffusionAutoVaeEncoderStep(AutoPipelineBlocks):
 class StableDiffusionText2ImageDenoiseStep(SequentialPipelineBlocks):
     description = "Denoises from pure noise, guided by the text."
     block_classes = [
-        StableDiffusionSetTimestepsStep,
-        StableDiffusionPrepareLatentsStep,
-        StableDiffusionGuidanceEmbeddingStep,
-        StableDiffusionDenoiseLoop,
+        UNetSetTimestepsStep,
+        UNetPrepareLatentsStep,
+        UNetGuidanceEmbeddingStep,
+        UNetDenoiseLoop,
     ]
     block_names = ["set_timesteps", "prepare_latents", "guidance_embedding", "loop"]
 
@@ -81,10 +52,10 @@ class StableDiffusionText2ImageDenoiseStep(SequentialPipelineBlocks):
 class StableDiffusionImg2ImgDenoiseStep(SequentialPipelineBlocks):
     description = "Denoises from the image's latents noised according to `strength`."
     block_classes = [
-        StableDiffusionImg2ImgSetTimestepsStep,
-        StableDiffusionImg2ImgPrepareLatentsStep,
-        StableDiffusionGuidanceEmbeddingStep,
-        StableDiffusionDenoiseLoop,
+        UNetImg2ImgSetTimestepsStep,
+        UNetImg2ImgPrepareLatentsStep,
+        UNetGuidanceEmbeddingStep,
+        UNetDenoiseLoop,
     ]
     block_names = ["set_timesteps", "prepare_latents", "guidance_embedding", "loop"]
 
@@ -92,11 +63,11 @@ class StableDiffusionImg2ImgDenoiseStep(SequentialPipelineBlocks):
 class StableDiffusionInpaintDenoiseStep(SequentialPipelineBlocks):
     description = "Denoises the masked region, keeping the rest of the image."
     block_classes = [
-        StableDiffusionInpaintSetTimestepsStep,
-        StableDiffusionInpaintPrepareLatentsStep,
-        StableDiffusionInpaintPrepareMaskLatentsStep,
-        StableDiffusionGuidanceEmbeddingStep,
-        StableDiffusionInpaintDenoiseLoop,
+        UNetInpaintSetTimestepsStep,
+        UNetInpaintPrepareLatentsStep,
+        UNetInpaintPrepareMaskLatentsStep,
+        UNetGuidanceEmbeddingStep,
+        UNetInpaintDenoiseLoop,
     ]
     block_names = [
         "set_timesteps", "prepare_latents", "prepare_mask_latents", "guidance_embedding", "loop"
@@ -106,11 +77,11 @@ class StableDiffusionInpaintDenoiseStep(SequentialPipelineBlocks):
 class StableDiffusionControlNetDenoiseStep(SequentialPipelineBlocks):
     description = "Denoises from pure noise, guided by the text and a ControlNet."
     block_classes = [
-        StableDiffusionSetTimestepsStep,
-        StableDiffusionControlNetInputStep,
-        StableDiffusionPrepareLatentsStep,
-        StableDiffusionGuidanceEmbeddingStep,
-        StableDiffusionControlNetDenoiseLoop,
+        UNetSetTimestepsStep,
+        UNetControlNetInputStep,
+        UNetPrepareLatentsStep,
+        UNetGuidanceEmbeddingStep,
+        UNetControlNetDenoiseLoop,
     ]
     block_names = [
         "set_timesteps", "controlnet_input", "prepare_latents", "guidance_embedding", "loop"
@@ -147,9 +118,9 @@ class StableDiffusionAutoBlocks(SequentialPipelineBlocks):
 
     block_classes = [
         StableDiffusionTextEncoderStep,
-        StableDiffusionAutoVaeEncoderStep,
+        UNetAutoVaeEncoderStep,
         StableDiffusionAutoDenoiseStep,
-        StableDiffusionDecodeStep,
+        UNetDecodeStep,
     ]
     block_names = ["text_encoder", "vae_encoder", "denoise", "decode"]
     _workflow_map = {
@@ -173,9 +144,9 @@ class StableDiffusionControlNetAutoBlocks(StableDiffusionAutoBlocks):
 
     block_classes = [
         StableDiffusionTextEncoderStep,
-        StableDiffusionAutoVaeEncoderStep,
+        UNetAutoVaeEncoderStep,
         StableDiffusionControlNetAutoDenoiseStep,
-        StableDiffusionDecodeStep,
+        UNetDecodeStep,
     ]
     _workflow_map = {
         **StableDiffusionAutoBlocks._workflow_map,

@@ -23,30 +23,26 @@ Optional extras:
   ``device="cuda"`` builds the models there, which takes seconds instead of a CPU's minutes.
 
 Same arguments, same bytes: every model is built under its own seed, and the tokenizer is
-trained by a small deterministic BPE trainer written here (see ``_train_bpe_merges`` for why not
-the ``tokenizers`` trainer).
+trained offline by the deterministic BPE trainer of ``blocks.tiny_unet_parts``.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import pathlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tokenizers import Regex, normalizers, pre_tokenizers
 
-from blocks.tiny_checkpoint import (
-    TINY_CORPUS,
-    build_seeded,
-    check_size,
-    default_weight_dtype,
+from blocks.tiny_checkpoint import build_seeded, check_size, default_weight_dtype, write_json
+from blocks.tiny_unet_parts import (
+    build_clip_vocab,
+    clip_text_config,
+    kl_vae_model,
+    rename_clip_text_weights,
+    write_clip_tokenizer,
+    write_sd_scheduler,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +54,6 @@ TEXT_HIDDEN_SIZE = 32
 TEXT_LAYERS = 3  # >= 3 so that clip_skip=1 and clip_skip=2 pick distinct, non-final layers
 TEXT_HEADS = 4
 TEXT_INTERMEDIATE_SIZE = 37  # deliberately not a multiple of anything, to catch shape slips
-MODEL_MAX_LENGTH = 77
 
 UNET_BLOCK_OUT_CHANNELS = (32, 64)
 UNET_SAMPLE_SIZE = 8
@@ -78,18 +73,6 @@ DEPTH_HIDDEN_SIZE = 16
 # Linear/conv init std for the depth model (transformers' default is 0.02). The DPT neck and
 # fusion stages shrink a 0.02-initialised signal to ~1e-4 by the head; 0.1 keeps it ~1e-2.
 DEPTH_INIT_RANGE = 0.1
-
-# The CLIP tokenizer's pre-tokenisation regex (as in openai/CLIP and transformers' CLIPTokenizer).
-_CLIP_SPLIT_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
-    r"""[^\s\p{L}\p{N}]+"""
-)
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-_END_OF_WORD = "</w>"
-_MAX_MERGES = 400
-_MIN_PAIR_COUNT = 2  # pairs seen once stay unmerged, so unseen words split into sub-words
-
 
 @dataclass(frozen=True)
 class SDArchitecture:
@@ -186,7 +169,8 @@ def write_tiny_sd(
         raise FileExistsError(f"{out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
 
-    vocab = write_clip_tokenizer(out / "tokenizer")
+    vocab, merges = build_clip_vocab()
+    write_clip_tokenizer(out / "tokenizer", vocab, merges)
 
     def save(folder: str, seed: int, make: Callable[[], torch.nn.Module]) -> None:
         # One model at a time, on the CPU in `dtype` before the next is built.
@@ -194,10 +178,10 @@ def write_tiny_sd(
             out / folder, safe_serialization=True)
 
     save("text_encoder", seed + _SEED_TEXT_ENCODER, text_encoder_model(arch, vocab))
-    _rename_text_encoder_weights(out / "text_encoder")
+    rename_clip_text_weights(out / "text_encoder")
     save("unet", seed + _SEED_UNET, unet_model(arch, in_channels=9 if inpaint else 4))
     save("vae", seed + _SEED_VAE, vae_model(arch))
-    _write_scheduler(out / "scheduler")
+    write_sd_scheduler(out / "scheduler")
     if controlnet:
         # build_seeded's re-draw also wakes up the zero-initialised convs (controlnet_down_blocks,
         # controlnet_mid_block, controlnet_cond_embedding.conv_out): the residuals are non-zero.
@@ -212,129 +196,6 @@ def write_tiny_sd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte -> printable-character table, in CLIP's order."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
-def _pretokenize(text: str) -> list[str]:
-    """Split ``text`` into byte-level words exactly as CLIPTokenizer does before BPE."""
-    normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
-
-
-def _train_bpe_merges(corpus: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Learn BPE merges over ``corpus`` with CLIP's ``</w>`` end-of-word convention.
-
-    The ``tokenizers`` package's ``BpeTrainer`` breaks count ties in Rust hash-map order, which
-    is randomised per process, so two runs can disagree on the merges. On a tiny corpus ties
-    are everywhere, hence this plain trainer: most frequent pair first, ties broken by the
-    pair's text, stopping at pairs seen fewer than ``_MIN_PAIR_COUNT`` times.
-    """
-    word_counts: Counter[tuple[str, ...]] = Counter()
-    for line in corpus:
-        for word in _pretokenize(line):
-            word_counts[(*word[:-1], word[-1] + _END_OF_WORD)] += 1
-
-    merges: list[tuple[str, str]] = []
-    while len(merges) < _MAX_MERGES:
-        pair_counts: Counter[tuple[str, str]] = Counter()
-        for symbols, count in word_counts.items():
-            for pair in itertools.pairwise(symbols):
-                pair_counts[pair] += count
-        if not pair_counts:
-            break
-        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
-        if pair_counts[best] < _MIN_PAIR_COUNT:
-            break
-        merges.append(best)
-        merged: Counter[tuple[str, ...]] = Counter()
-        for symbols, count in word_counts.items():
-            merged[_apply_merge(symbols, best)] += count
-        word_counts = merged
-    return merges
-
-
-def _apply_merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    out: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return tuple(out)
-
-
-def _build_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Lay the vocabulary out as openai/CLIP does: 256 byte characters, the same with ``</w>``,
-    one token per merge in merge order, then ``<|startoftext|>`` and ``<|endoftext|>`` last."""
-    byte_chars = list(_bytes_to_unicode().values())
-    merges = _train_bpe_merges(TINY_CORPUS)
-    tokens = byte_chars + [c + _END_OF_WORD for c in byte_chars]
-    tokens += ["".join(pair) for pair in merges]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise AssertionError("BPE produced a duplicate token")  # a merge can't repeat; be sure
-    return vocab, merges
-
-
-def write_clip_tokenizer(folder: pathlib.Path) -> dict[str, int]:
-    """Write the tiny offline CLIP tokenizer as the four files an SD 1.x ``tokenizer`` folder
-    has (no ``tokenizer.json``); returns its vocabulary."""
-    vocab, merges = _build_clip_vocab()
-    folder.mkdir()
-    # In id order, as CLIP's own vocab.json (dicts keep insertion order).
-    _write_json(folder / "vocab.json", vocab, indent=None, sort_keys=False)
-    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
-    special = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,  # SD 1.x pads with <|endoftext|> (SD 2.x uses "!")
-        "unk_token": EOS_TOKEN,
-    }
-    _write_json(folder / "special_tokens_map.json", special)
-    config = {
-        **special,
-        "add_prefix_space": False,
-        "do_lower_case": True,
-        "errors": "replace",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "tokenizer_class": "CLIPTokenizer",
-    }
-    _write_json(folder / "tokenizer_config.json", config)
-    return vocab
-
-
-# ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
 
@@ -343,38 +204,19 @@ def write_clip_tokenizer(folder: pathlib.Path) -> dict[str, int]:
 
 
 def text_encoder_model(arch: SDArchitecture, vocab: dict[str, int]) -> Callable[[], Any]:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    config = CLIPTextConfig(
-        vocab_size=arch.text_vocab_size or len(vocab),
+    config = clip_text_config(
+        vocab,
+        vocab_size=arch.text_vocab_size,
         hidden_size=arch.text_hidden_size,
         intermediate_size=arch.text_intermediate_size,
         num_hidden_layers=arch.text_layers,
         num_attention_heads=arch.text_heads,
-        max_position_embeddings=MODEL_MAX_LENGTH,
         hidden_act="quick_gelu",  # CLIP ViT-L/14's text tower, as in SD 1.x
-        layer_norm_eps=1e-5,
         projection_dim=arch.text_hidden_size,
-        # The real ids (SD 1.x's config says 0/2, which makes CLIP pool at argmax(input_ids)).
-        bos_token_id=vocab[BOS_TOKEN],
-        eos_token_id=vocab[EOS_TOKEN],
-        pad_token_id=vocab[EOS_TOKEN],
     )
     return lambda: CLIPTextModel(config)
-
-
-def _rename_text_encoder_weights(folder: pathlib.Path) -> None:
-    """Real SD checkpoints name the weights "text_model.embeddings...", as CLIPTextModel did
-    before transformers 5 flattened it. transformers 5 still loads that layout (it strips the
-    prefix) but saves a fresh model without it; rewrite the weights in the hub layout so that
-    loaders meet the key names real checkpoints have."""
-    weights = folder / "model.safetensors"
-    renamed = folder / "model.safetensors.renamed"
-    # Written beside and moved over: the tensors read may be views of the old file's pages.
-    with safe_open(weights, framework="pt") as handle:
-        state = {f"text_model.{name}": handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        save_file(state, renamed, metadata={"format": "pt"})
-    renamed.replace(weights)
 
 
 def _unet_like_kwargs(arch: SDArchitecture) -> dict[str, Any]:
@@ -409,17 +251,9 @@ def unet_model(arch: SDArchitecture, in_channels: int = 4) -> Callable[[], Any]:
 
 
 def vae_model(arch: SDArchitecture) -> Callable[[], Any]:
-    from diffusers import AutoencoderKL
-
-    levels = len(arch.vae_block_out_channels)
-    return lambda: AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
+    return kl_vae_model(
         block_out_channels=arch.vae_block_out_channels,
         layers_per_block=arch.vae_layers_per_block,
-        latent_channels=4,
         norm_num_groups=arch.norm_num_groups,
         sample_size=arch.unet_sample_size * arch.vae_scale_factor,
         scaling_factor=VAE_SCALING_FACTOR,
@@ -481,7 +315,7 @@ def _write_depth(folder: pathlib.Path, seed: int) -> None:
         "rescale_factor": 1 / 255,
         "size": {"height": DEPTH_IMAGE_SIZE, "width": DEPTH_IMAGE_SIZE},
     }
-    _write_json(folder / "preprocessor_config.json", processor)
+    write_json(folder / "preprocessor_config.json", processor)
 
 
 @torch.no_grad()
@@ -509,24 +343,6 @@ def _calibrate_depth_head(model: torch.nn.Module, seed: int) -> None:
     conv.bias.sub_(shift).div_(scale)
 
 
-def _write_scheduler(folder: pathlib.Path) -> None:
-    from diffusers import EulerDiscreteScheduler
-
-    # SD 1.x's noise schedule; "leading" spacing + steps_offset 1 is how SD 1.x picks timesteps.
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
-    scheduler.save_pretrained(folder)
-
-
 def write_sd_model_index(
     out: pathlib.Path,
     *,
@@ -550,11 +366,4 @@ def write_sd_model_index(
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    _write_json(out / "model_index.json", index)
-
-
-def _write_json(
-    path: pathlib.Path, data: object, *, indent: int | None = 2, sort_keys: bool = True
-) -> None:
-    text = json.dumps(data, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
-    path.write_text(text + "\n", encoding="utf-8")
+    write_json(out / "model_index.json", index)

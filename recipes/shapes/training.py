@@ -146,12 +146,13 @@ def _print_err(message: str) -> None:
 
 
 def build_tokenizer(folder: pathlib.Path):
-    """The tiny SD factory's offline CLIP tokenizer (its corpus holds the shapes words)."""
+    """The tiny checkpoints' offline CLIP tokenizer (its corpus holds the shapes words)."""
     from transformers import CLIPTokenizer
 
-    from blocks.stable_diffusion.tiny_model import write_clip_tokenizer
+    from blocks.tiny_unet_parts import build_clip_vocab, write_clip_tokenizer
 
-    write_clip_tokenizer(folder)
+    vocab, merges = build_clip_vocab()
+    write_clip_tokenizer(folder, vocab, merges)
     return CLIPTokenizer.from_pretrained(folder)
 
 

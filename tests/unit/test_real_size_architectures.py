@@ -17,6 +17,7 @@ import torch
 from blocks.flux2 import tiny_model as flux2
 from blocks.stable_diffusion import tiny_model as sd
 from blocks.tiny_checkpoint import build_seeded, check_size, default_weight_dtype
+from blocks.tiny_unet_parts import build_clip_vocab
 from service.cli import main as blockserve
 
 META = torch.device("meta")
@@ -28,7 +29,7 @@ def _parameters(module: torch.nn.Module) -> int:
 
 def test_sd_real_is_sd_1_5() -> None:
     arch = sd.ARCHITECTURES["real"]
-    vocab, _ = sd._build_clip_vocab()
+    vocab, _ = build_clip_vocab()
     counts = {name: _parameters(build_seeded(0, make, META)) for name, make in {
         "text_encoder": sd.text_encoder_model(arch, vocab),
         "unet": sd.unet_model(arch),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 
@@ -14,7 +13,9 @@ import transformers
 from PIL import Image
 from safetensors import safe_open
 
-from blocks.stable_diffusion.tiny_model import MODEL_MAX_LENGTH, write_tiny_sd
+from blocks.stable_diffusion.tiny_model import write_tiny_sd
+from blocks.tiny_unet_parts import MODEL_MAX_LENGTH
+from tests.unit.checkpoint_files import constant_tensors, digest
 
 PROMPT = "a red circle on a blue background"
 
@@ -30,14 +31,6 @@ def inpaint_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 pytestmark = pytest.mark.usefixtures("quiet_diffusers")
-
-
-def _digest(root: pathlib.Path) -> str:
-    sha = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        sha.update(path.relative_to(root).as_posix().encode() + b"\0")
-        sha.update(hashlib.sha256(path.read_bytes()).digest())
-    return sha.hexdigest()
 
 
 def _image(size: int, seed: int = 0) -> Image.Image:
@@ -68,7 +61,7 @@ def _run(pipe: diffusers.DiffusionPipeline, size: int, **kwargs: object) -> np.n
 
 def test_same_call_writes_identical_bytes(sd_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     again = write_tiny_sd(tmp_path / "again", controlnet=True, depth=True)
-    assert _digest(again) == _digest(sd_dir)
+    assert digest(again) == digest(sd_dir)
     other_seed = write_tiny_sd(tmp_path / "other", seed=1)
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (other_seed / unet).read_bytes() != (sd_dir / unet).read_bytes()
@@ -107,18 +100,7 @@ def test_layout(sd_dir: pathlib.Path, inpaint_dir: pathlib.Path) -> None:
 def test_no_floating_tensor_is_constant(sd_dir: pathlib.Path, inpaint_dir: pathlib.Path) -> None:
     files = sorted(sd_dir.rglob("*.safetensors")) + sorted(inpaint_dir.rglob("*.safetensors"))
     assert len(files) == 8  # 5 models, then the inpaint checkpoint's 3
-    constant = []
-    for path in files:
-        with safe_open(path, "pt") as tensors:
-            for name in tensors.keys():  # noqa: SIM118 - safe_open is not a dict
-                tensor = tensors.get_tensor(name)
-                # A one-element tensor (the depth head's single output bias) is trivially
-                # "constant"; it is non-zero and that is all it can be.
-                if not tensor.is_floating_point() or tensor.numel() == 1:
-                    continue
-                if bool((tensor == tensor.flatten()[0]).all()):
-                    constant.append(f"{path.parent.name}/{name}")
-    assert constant == []
+    assert constant_tensors(files) == []
 
 
 def test_tokenizer_pads_and_truncates_to_77(sd_dir: pathlib.Path) -> None:

@@ -1,5 +1,6 @@
-"""Stable Diffusion steps between encoding and the denoise loop: timesteps, starting latents,
-inpainting masks and the guidance embedding of guidance-distilled UNets.
+"""The steps of UNet latent-diffusion pipelines (Stable Diffusion 1.x/2.x, SDXL) between
+encoding and the denoise loop: timesteps, starting latents, inpainting masks and the guidance
+embedding of guidance-distilled UNets.
 
 Every random draw of a generation happens here, in the order diffusers' pipelines make them,
 so that one seed gives the reference pipeline's image:
@@ -11,10 +12,13 @@ so that one seed gives the reference pipeline's image:
                   won't use it, because ancestral schedulers draw from the same generator).
 
 A list of generators gives every image its own, so an image never depends on its batch.
-(diffusers' inpainting pipeline samples the VAE posteriors of a single input image with the
+(diffusers' inpainting pipelines sample the VAE posteriors of a single input image with the
 first generator only; here image i always uses generator i, which is what diffusers gives
 for that image made alone.) The schedulers are used only through their generic interface:
 `set_timesteps`, `order`, `set_begin_index`, `init_noise_sigma` and `add_noise`.
+
+Not handled here: family defaults other than diffusers' SD ones (a family subclasses the
+timestep steps to change `default_strength`), `denoising_start` / `denoising_end`.
 """
 
 from __future__ import annotations
@@ -29,27 +33,13 @@ from blocks.block import ModularPipelineBlocks
 from blocks.errors import InvalidInput
 from blocks.randomness import Generator, randn
 from blocks.specs import ComponentSpec, InputParam, OutputParam
-from blocks.stable_diffusion.encoders import (
-    DEFAULT_GUIDANCE_SCALE,
-    check_size,
-    default_size,
-    model_config,
-    vae_scale_factor,
-)
+from blocks.unet_vae import check_size, default_size, vae_scale_factor, vae_scaling_factor
 
 DEFAULT_NUM_INFERENCE_STEPS = 50
-DEFAULT_IMG2IMG_STRENGTH = 0.8
-DEFAULT_INPAINT_STRENGTH = 1.0
-# Declared without a default: each branch has its own, and a merged contract shows one.
-STRENGTH_DESCRIPTION = (
-    f"How much to change the image, 0..1: 0 keeps it, 1 ignores it. Defaults to "
-    f"{DEFAULT_IMG2IMG_STRENGTH} for image-to-image, {DEFAULT_INPAINT_STRENGTH} for inpainting."
-)
-# SD 1.x's VAE latent scale (SD 2.x uses the same), where no VAE config says otherwise.
-DEFAULT_VAE_SCALING_FACTOR = 0.18215
 
-# SD 1.x/2.x's noise schedule, for pipelines made without a checkpoint's scheduler config.
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
+# SD 1.x/2.x's and SDXL's noise schedule, for pipelines made without a checkpoint's scheduler
+# config.
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -64,18 +54,12 @@ def scheduler_spec() -> ComponentSpec:
     return ComponentSpec(
         "scheduler", EulerDiscreteScheduler,
         "Any diffusers scheduler; swap with update_components(scheduler=...).",
-        config=SD_SCHEDULER_CONFIG, default_creation_method="from_config",
+        config=DEFAULT_SCHEDULER_CONFIG, default_creation_method="from_config",
     )
 
 
 def unet_spec() -> ComponentSpec:
-    return ComponentSpec("unet", UNet2DConditionModel, "SD's noise-predicting UNet.")
-
-
-def vae_scaling_factor(components: Any) -> float:
-    """The VAE's latent scale (from its config), else SD's."""
-    config = model_config(components, "vae")
-    return config["scaling_factor"] if config is not None else DEFAULT_VAE_SCALING_FACTOR
+    return ComponentSpec("unet", UNet2DConditionModel, "The noise-predicting UNet.")
 
 
 # -- randomness --------------------------------------------------------------------------------
@@ -169,8 +153,7 @@ def set_scheduler_timesteps(
     return scheduler.timesteps, num_inference_steps
 
 
-class StableDiffusionSetTimestepsStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetSetTimestepsStep(ModularPipelineBlocks):
     description = "Sets the scheduler's timesteps."
     expected_components = [scheduler_spec()]
     inputs = [
@@ -193,29 +176,29 @@ class StableDiffusionSetTimestepsStep(ModularPipelineBlocks):
         return components, state
 
 
-class StableDiffusionImg2ImgSetTimestepsStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetImg2ImgSetTimestepsStep(ModularPipelineBlocks):
     description = (
         "Sets the scheduler's timesteps and skips the first (1 - strength) of them: the "
         "denoising starts from the given image noised to the first remaining timestep."
     )
     expected_components = [scheduler_spec()]
-    default_strength = DEFAULT_IMG2IMG_STRENGTH
-
-    @property
-    def inputs(self) -> list[InputParam]:
-        return [
-            InputParam("num_inference_steps", int, default=DEFAULT_NUM_INFERENCE_STEPS),
-            InputParam("timesteps", list),
-            InputParam("sigmas", list),
-            InputParam("strength", float, description=STRENGTH_DESCRIPTION),
-            InputParam("batch_size", int, required=True),
-        ]
-
+    default_strength = 0.8  # diffusers' SD image-to-image default; a family may set its own
+    inputs = [
+        InputParam("num_inference_steps", int, default=DEFAULT_NUM_INFERENCE_STEPS),
+        InputParam("timesteps", list),
+        InputParam("sigmas", list),
+        # No declared default: each branch has its own, and a merged contract shows one.
+        InputParam("strength", float,
+                   description="How much to change the image, 0..1: 0 keeps it, 1 ignores "
+                               "it; by default the workflow's (image-to-image and "
+                               "inpainting differ, and so do families)."),
+        InputParam("batch_size", int, required=True),
+    ]
     intermediate_outputs = [
         OutputParam("timesteps", torch.Tensor, "The remaining timesteps to denoise at."),
         OutputParam("num_inference_steps", int, "Number of denoising steps that run."),
         OutputParam("latent_timestep", torch.Tensor, "(B,) timestep the image is noised to."),
+        OutputParam("strength", float, "The strength in effect (the default when not given)."),
     ]
 
     def __call__(self, components, state):
@@ -240,23 +223,23 @@ class StableDiffusionImg2ImgSetTimestepsStep(ModularPipelineBlocks):
         block_state.timesteps = timesteps
         block_state.num_inference_steps = steps - t_start
         block_state.latent_timestep = timesteps[:1].repeat(block_state.batch_size)
+        block_state.strength = strength
         self.set_block_state(state, block_state)
         return components, state
 
 
-class StableDiffusionInpaintSetTimestepsStep(StableDiffusionImg2ImgSetTimestepsStep):
+class UNetInpaintSetTimestepsStep(UNetImg2ImgSetTimestepsStep):
     description = (
-        "Sets the scheduler's timesteps for inpainting: all of them at strength 1 (the "
-        "default), else the last `strength` of them, as for image-to-image."
+        "Sets the scheduler's timesteps for inpainting: the last `strength` of them, as for "
+        "image-to-image; at strength 1 all of them, from pure noise."
     )
-    default_strength = DEFAULT_INPAINT_STRENGTH
+    default_strength = 1.0  # diffusers' SD inpainting default
 
 
 # -- latents -----------------------------------------------------------------------------------
 
 
-class StableDiffusionPrepareLatentsStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetPrepareLatentsStep(ModularPipelineBlocks):
     description = "Draws the starting noise, scaled by the scheduler's initial sigma."
     expected_components = [unet_spec(), scheduler_spec()]
     inputs = [
@@ -300,8 +283,7 @@ class StableDiffusionPrepareLatentsStep(ModularPipelineBlocks):
         return components, state
 
 
-class StableDiffusionImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
     description = "Samples the image's VAE posterior and noises it to the first timestep."
     expected_components = [scheduler_spec()]
     inputs = [
@@ -323,7 +305,7 @@ class StableDiffusionImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
         device = components._execution_device
         image_latents = sample_image_latents(
             block_state.image_posterior.to(device), generator, batch_size,
-            block_state.num_images_per_prompt, vae_scaling_factor(components), self.path,
+            block_state.num_images_per_prompt, vae_scaling_factor(components, self.path), self.path,
         )
         noise = randn(image_latents.shape, generator, device, block_state.prompt_embeds.dtype)
         block_state.latents = components.scheduler.add_noise(
@@ -333,8 +315,7 @@ class StableDiffusionImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
         return components, state
 
 
-class StableDiffusionInpaintPrepareLatentsStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetInpaintPrepareLatentsStep(ModularPipelineBlocks):
     description = (
         "Starts from noise at strength 1, else from the image noised to the first timestep; "
         "keeps the noise and (for 4-channel UNets) the image latents for blending."
@@ -344,7 +325,7 @@ class StableDiffusionInpaintPrepareLatentsStep(ModularPipelineBlocks):
         InputParam("image_posterior", torch.Tensor, required=True,
                    description="(K, 2c, h, w) VAE posteriors of the input images."),
         InputParam("latent_timestep", torch.Tensor, required=True),
-        InputParam("strength", float, description=STRENGTH_DESCRIPTION),
+        InputParam("strength", float, required=True, description="From set_timesteps."),
         InputParam("batch_size", int, required=True),
         InputParam("num_images_per_prompt", int, default=1),
         InputParam("prompt_embeds", torch.Tensor, required=True),
@@ -364,15 +345,14 @@ class StableDiffusionInpaintPrepareLatentsStep(ModularPipelineBlocks):
         device = components._execution_device
         dtype = block_state.prompt_embeds.dtype
         posterior = block_state.image_posterior.to(device)
-        strength = block_state.strength
-        full_strength = (DEFAULT_INPAINT_STRENGTH if strength is None else strength) == 1.0
+        full_strength = block_state.strength == 1.0
         image_latents = None
         # A 4-channel UNet blends the image back in every step; a 9-channel one only needs
         # the image latents as a starting point below full strength.
         if components.unet.config.in_channels == 4 or not full_strength:
             image_latents = sample_image_latents(
                 posterior.to(dtype), generator, batch_size, block_state.num_images_per_prompt,
-                vae_scaling_factor(components), self.path,
+                vae_scaling_factor(components, self.path), self.path,
             ).contiguous()
         shape = (batch_size, posterior.shape[1] // 2, *posterior.shape[-2:])
         noise = randn(shape, generator, device, dtype)
@@ -388,8 +368,7 @@ class StableDiffusionInpaintPrepareLatentsStep(ModularPipelineBlocks):
         return components, state
 
 
-class StableDiffusionInpaintPrepareMaskLatentsStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetInpaintPrepareMaskLatentsStep(ModularPipelineBlocks):
     description = "Shrinks the mask to latent size and samples the masked image's posterior."
     inputs = [
         InputParam("mask", torch.Tensor, required=True, description="(K, 1, H, W), 1 = repaint."),
@@ -418,8 +397,9 @@ class StableDiffusionInpaintPrepareMaskLatentsStep(ModularPipelineBlocks):
         mask = mask.to(device=device, dtype=dtype)
         index = image_index(mask.shape[0], batch_size, n, self.path)
         block_state.latent_mask = mask[index] if mask.shape[0] != batch_size else mask
+        scaling_factor = vae_scaling_factor(components, self.path)
         block_state.masked_image_latents = sample_image_latents(
-            posterior, generator, batch_size, n, vae_scaling_factor(components), self.path
+            posterior, generator, batch_size, n, scaling_factor, self.path
         ).contiguous()
         self.set_block_state(state, block_state)
         return components, state
@@ -443,15 +423,15 @@ def guidance_scale_embedding(
     return emb
 
 
-class StableDiffusionGuidanceEmbeddingStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetGuidanceEmbeddingStep(ModularPipelineBlocks):
     description = (
         "For UNets distilled with the guidance scale as an input (time_cond_proj_dim, e.g. "
         "LCM), embeds guidance_scale - 1; None for other UNets."
     )
     expected_components = [unet_spec()]
     inputs = [
-        InputParam("guidance_scale", float, default=DEFAULT_GUIDANCE_SCALE),
+        InputParam("guidance_scale", float, required=True,
+                   description="From the text encoder step (which has the family's default)."),
         InputParam("batch_size", int, required=True),
         InputParam("latents", torch.Tensor, required=True),
     ]

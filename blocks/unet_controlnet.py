@@ -1,12 +1,17 @@
-"""ControlNet for Stable Diffusion: a control image (edges, depth, pose...) steers the UNet.
+"""ControlNet for UNet latent-diffusion pipelines (SD 1.x/2.x, SDXL): a control image (edges,
+depth, pose...) steers the UNet.
 
-`StableDiffusionControlNetInputStep` prepares the control image ([0, 1], RGB, the output
-size — by default its own, rounded down to the VAE factor) and the per-step on/off schedule
-from `control_guidance_start` / `control_guidance_end`. `StableDiffusionControlNetLoopDenoiser`
-replaces the plain loop denoiser: each step the ControlNet turns the control image into
-residuals (scaled by `controlnet_conditioning_scale`) that are added to the UNet's skip
-connections. `guess_mode` (or a ControlNet trained with global pooling) runs the ControlNet on
-the conditional half only. One ControlNet, text-to-image; multi-ControlNet is not handled.
+`UNetControlNetInputStep` prepares the control image ([0, 1], RGB, the output size — by
+default its own, rounded down to the VAE factor) and the per-step on/off schedule from
+`control_guidance_start` / `control_guidance_end`. `UNetControlNetLoopDenoiser` replaces the
+plain loop denoiser: each step the ControlNet turns the control image into residuals (scaled by
+`controlnet_conditioning_scale`) that are added to the UNet's skip connections; a ControlNet of
+a UNet with added conditioning (SDXL's) gets the same pooled embeddings and time ids as the UNet.
+`guess_mode` (or a ControlNet trained with global pooling) runs the ControlNet on the
+conditional half only.
+
+Not handled here: multi-ControlNet, ControlNet-Union, ControlNet with image-to-image or
+inpainting (text-to-image only).
 """
 
 from __future__ import annotations
@@ -18,21 +23,18 @@ from PIL import Image
 from blocks.block import ModularPipelineBlocks
 from blocks.errors import InvalidInput
 from blocks.specs import ComponentSpec, InputParam, OutputParam
-from blocks.stable_diffusion.before_denoise import scheduler_spec, unet_spec
-from blocks.stable_diffusion.denoise import (
+from blocks.unet_denoise import (
     GUIDANCE_INPUTS,
-    StableDiffusionDenoiseLoop,
-    StableDiffusionLoopAfterDenoiser,
-    StableDiffusionLoopBeforeDenoiser,
+    UNetDenoiseLoop,
+    UNetLoopAfterDenoiser,
+    UNetLoopBeforeDenoiser,
     apply_guidance,
+    guided_added_conditioning,
     guided_embeddings,
-)
-from blocks.stable_diffusion.encoders import (
-    check_size,
-    preprocess_images,
     uses_guidance,
-    vae_scale_factor,
 )
+from blocks.unet_latents import scheduler_spec, unet_spec
+from blocks.unet_vae import check_size, preprocess_images, vae_scale_factor
 
 
 def controlnet_spec() -> ComponentSpec:
@@ -47,8 +49,7 @@ def controlnet_keep(num_steps: int, start: float, end: float) -> list[float]:
             for i in range(num_steps)]
 
 
-class StableDiffusionControlNetInputStep(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetControlNetInputStep(ModularPipelineBlocks):
     description = (
         "Prepares the control image for the ControlNet (its size is the output size unless "
         "height/width are given) and which steps the ControlNet acts on."
@@ -111,8 +112,7 @@ class StableDiffusionControlNetInputStep(ModularPipelineBlocks):
         return components, state
 
 
-class StableDiffusionControlNetLoopDenoiser(ModularPipelineBlocks):
-    model_name = "stable-diffusion"
+class UNetControlNetLoopDenoiser(ModularPipelineBlocks):
     description = (
         "Runs the ControlNet on the control image, then the UNet with its residuals, and "
         "applies classifier-free guidance."
@@ -134,14 +134,19 @@ class StableDiffusionControlNetLoopDenoiser(ModularPipelineBlocks):
         unet, controlnet = components.unet, components.controlnet
         guided = uses_guidance(unet, block_state.guidance_scale)
         embeds = guided_embeddings(unet, block_state, self.path)
+        added = guided_added_conditioning(unet, block_state, self.path)
         cond = block_state.controlnet_cond
         if guided and block_state.guess_mode:
             # The ControlNet sees the conditional half only; the unconditional half of the
             # UNet batch gets zero residuals.
             control_input = components.scheduler.scale_model_input(block_state.latents, t)
             control_embeds = embeds.chunk(2)[1]
+            control_added = None if added is None else {
+                key: value.chunk(2)[1] for key, value in added.items()
+            }
         else:
             control_input, control_embeds = block_state.latent_model_input, embeds
+            control_added = added
             if guided:
                 cond = torch.cat([cond] * 2)
         scale = block_state.controlnet_conditioning_scale * block_state.controlnet_keep[i]
@@ -152,6 +157,7 @@ class StableDiffusionControlNetLoopDenoiser(ModularPipelineBlocks):
             controlnet_cond=cond,
             conditioning_scale=scale,
             guess_mode=block_state.guess_mode,
+            added_cond_kwargs=control_added,
             return_dict=False,
         )
         if guided and block_state.guess_mode:
@@ -165,6 +171,7 @@ class StableDiffusionControlNetLoopDenoiser(ModularPipelineBlocks):
             cross_attention_kwargs=block_state.cross_attention_kwargs,
             down_block_additional_residuals=down_residuals,
             mid_block_additional_residual=mid_residual,
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
         if guided:
@@ -173,10 +180,10 @@ class StableDiffusionControlNetLoopDenoiser(ModularPipelineBlocks):
         return components, block_state
 
 
-class StableDiffusionControlNetDenoiseLoop(StableDiffusionDenoiseLoop):
+class UNetControlNetDenoiseLoop(UNetDenoiseLoop):
     description = "Denoises the latents with ControlNet residuals added to the UNet."
     block_classes = [
-        StableDiffusionLoopBeforeDenoiser,
-        StableDiffusionControlNetLoopDenoiser,
-        StableDiffusionLoopAfterDenoiser,
+        UNetLoopBeforeDenoiser,
+        UNetControlNetLoopDenoiser,
+        UNetLoopAfterDenoiser,
     ]
