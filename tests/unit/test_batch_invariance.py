@@ -23,6 +23,7 @@ from blocks import ModularPipeline
 from blocks.batch_invariance import _thread, _whole_steps, batch_invariant
 from blocks.flux2.tiny_model import write_tiny_flux2_klein
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
+from blocks.stable_diffusion_xl.tiny_model import write_tiny_sdxl
 
 SHAPES_SD = pathlib.Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes-sd"
 PROMPTS = ["a red circle on a blue background", "a green square on a white background",
@@ -55,6 +56,7 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModularPipe
         "sd": _pipeline(write_tiny_sd(folder / "sd")),
         "shapes-sd": _pipeline(SHAPES_SD),
         "flux2-klein": _pipeline(write_tiny_flux2_klein(folder / "flux2")),
+        "sdxl": _pipeline(write_tiny_sdxl(folder / "sdxl")),
     }
 
 
@@ -71,6 +73,7 @@ def _images(pipe: ModularPipeline, prompts: list[str], seeds: list[int], size: i
     ("sd", 64, {"guidance_scale": 7.5, "negative_prompt": ["blurry"] * 5}),
     ("shapes-sd", 64, {"guidance_scale": 5.0}),
     ("flux2-klein", 32, {}),
+    ("sdxl", 32, {"negative_prompt": ["blurry"] * 5, "negative_original_size": (16, 16)}),
 ])
 def test_batched_image_is_bit_identical_to_alone(
     pipelines: dict[str, ModularPipeline], threads: int, family: str, size: int,
