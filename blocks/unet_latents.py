@@ -302,12 +302,14 @@ class UNetImg2ImgPrepareLatentsStep(ModularPipelineBlocks):
         block_state = self.get_block_state(state)
         batch_size = block_state.batch_size
         generator = single_generator(block_state.generator, batch_size, self.path)
-        device = components._execution_device
+        device, dtype = components._execution_device, block_state.prompt_embeds.dtype
+        # In the denoiser's dtype, which may not be the VAE's (e.g. a float32 VAE beside a
+        # float16 UNet), as for inpainting.
         image_latents = sample_image_latents(
-            block_state.image_posterior.to(device), generator, batch_size,
+            block_state.image_posterior.to(device=device, dtype=dtype), generator, batch_size,
             block_state.num_images_per_prompt, vae_scaling_factor(components, self.path), self.path,
         )
-        noise = randn(image_latents.shape, generator, device, block_state.prompt_embeds.dtype)
+        noise = randn(image_latents.shape, generator, device, dtype)
         block_state.latents = components.scheduler.add_noise(
             image_latents, noise, block_state.latent_timestep
         )

@@ -360,6 +360,23 @@ def test_controlnet_matches_diffusers(reference_controlnet, pipe_controlnet, kwa
                    **{"prompt": PROMPT, "image": control, **STEPS, **kwargs})
 
 
+# -- dtypes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inputs", [{}, {"image": _image(), "strength": 0.5},
+                                    {"image": _image(), "mask_image": _mask()}],
+                         ids=["text2image", "image2image", "inpaint"])
+def test_float32_vae_beside_bfloat16_models(sdxl_dir, inputs):
+    # How SDXL is run in half precision: its VAE overflows in float16 (force_upcast), so it
+    # stays in float32 while the encoders and the UNet are halved.
+    pipe = ModularPipeline.from_pretrained(str(sdxl_dir))
+    pipe.load_components(dtype={"default": torch.bfloat16, "vae": torch.float32})
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt=PROMPT, generator=_generator(), output_type="np", **STEPS,
+                  **inputs).images
+    assert images.dtype == np.float32 and np.isfinite(images).all() and images.std() > 0.01
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
