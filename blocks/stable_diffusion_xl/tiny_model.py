@@ -32,16 +32,19 @@ trained offline by the deterministic BPE trainer of ``blocks.tiny_unet_parts``.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
-from blocks.tiny_checkpoint import seeded, write_json
+import torch
+
+from blocks.tiny_checkpoint import build_seeded, write_json
 from blocks.tiny_unet_parts import (
     build_clip_vocab,
     clip_text_config,
-    save_clip_text_model,
+    kl_vae_model,
+    rename_clip_text_weights,
     write_clip_tokenizer,
     write_sd_scheduler,
-    write_tiny_vae,
 )
 
 # The VAE has 3 levels (vae_scale_factor 4) and the UNet's sample_size is 8: the pipelines'
@@ -81,12 +84,19 @@ def write_tiny_sdxl(
     inpaint: bool = False,
     controlnet: bool = False,
     seed: int = 0,
+    size: str = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight SDXL checkpoint to ``out_dir`` and return its path.
 
-    ``out_dir`` must be missing or empty, so a stale component can never survive a rewrite.
-    The same arguments always produce byte-identical files.
+    ``size`` must be "tiny" (SDXL's real architecture is not written); ``device``: where the
+    models are built; ``dtype``: how the weights are saved (default float32). ``out_dir`` must
+    be missing or empty, so a stale component can never survive a rewrite. The same arguments
+    always produce byte-identical files.
     """
+    if size != "tiny":
+        raise ValueError(f"size {size!r}: only size 'tiny' exists for SDXL")
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
@@ -95,21 +105,31 @@ def write_tiny_sdxl(
     vocab, merges = build_clip_vocab()
     write_clip_tokenizer(out / "tokenizer", vocab, merges)
     write_clip_tokenizer(out / "tokenizer_2", vocab, merges, pad_token="!")
-    _write_text_encoders(out, vocab, seed)
-    _write_unet(out / "unet", in_channels=9 if inpaint else 4, seed=seed + _SEED_UNET)
-    write_tiny_vae(
-        out / "vae", seed + _SEED_VAE, block_out_channels=VAE_BLOCK_OUT_CHANNELS,
+
+    def save(folder: str, seed: int, make: Callable[[], torch.nn.Module]) -> None:
+        build_seeded(seed, make, device).to("cpu", dtype or torch.float32).save_pretrained(
+            out / folder, safe_serialization=True)
+
+    first, second = _text_encoder_models(vocab)
+    save("text_encoder", seed + _SEED_TEXT_ENCODER, first)
+    rename_clip_text_weights(out / "text_encoder")
+    save("text_encoder_2", seed + _SEED_TEXT_ENCODER_2, second)
+    save("unet", seed + _SEED_UNET, _unet_model(in_channels=9 if inpaint else 4))
+    save("vae", seed + _SEED_VAE, kl_vae_model(
+        block_out_channels=VAE_BLOCK_OUT_CHANNELS, layers_per_block=1,
         norm_num_groups=NORM_NUM_GROUPS, sample_size=UNET_SAMPLE_SIZE * VAE_SCALE_FACTOR,
         scaling_factor=VAE_SCALING_FACTOR,
-    )
+    ))
     write_sd_scheduler(out / "scheduler")
     if controlnet:
-        _write_controlnet(out / "controlnet", seed + _SEED_CONTROLNET)
+        # build_seeded's re-draw also wakes up the zero-initialised convs: the residuals are
+        # not zero.
+        save("controlnet", seed + _SEED_CONTROLNET, _controlnet_model())
     _write_model_index(out, inpaint=inpaint)
     return out
 
 
-def _write_text_encoders(out: pathlib.Path, vocab: dict[str, int], seed: int) -> None:
+def _text_encoder_models(vocab: dict[str, int]) -> tuple[Callable[[], Any], Callable[[], Any]]:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     config = clip_text_config(
@@ -117,15 +137,12 @@ def _write_text_encoders(out: pathlib.Path, vocab: dict[str, int], seed: int) ->
         num_hidden_layers=TEXT_LAYERS, num_attention_heads=TEXT_HEADS, hidden_act="quick_gelu",
         projection_dim=TEXT_HIDDEN_SIZE,
     )
-    model = seeded(seed + _SEED_TEXT_ENCODER, lambda: CLIPTextModel(config))
-    save_clip_text_model(model, out / "text_encoder")
     config_2 = clip_text_config(
         vocab, hidden_size=TEXT_2_HIDDEN_SIZE, intermediate_size=TEXT_2_INTERMEDIATE_SIZE,
         num_hidden_layers=TEXT_LAYERS, num_attention_heads=TEXT_HEADS, hidden_act="gelu",
         projection_dim=TEXT_2_PROJECTION_DIM,
     )
-    model_2 = seeded(seed + _SEED_TEXT_ENCODER_2, lambda: CLIPTextModelWithProjection(config_2))
-    save_clip_text_model(model_2, out / "text_encoder_2")
+    return lambda: CLIPTextModel(config), lambda: CLIPTextModelWithProjection(config_2)
 
 
 def _unet_like_kwargs() -> dict[str, Any]:
@@ -150,35 +167,28 @@ def _unet_like_kwargs() -> dict[str, Any]:
     }
 
 
-def _write_unet(folder: pathlib.Path, *, in_channels: int, seed: int) -> None:
+def _unet_model(in_channels: int) -> Callable[[], Any]:
     from diffusers import UNet2DConditionModel
 
-    def build() -> UNet2DConditionModel:
-        return UNet2DConditionModel(
-            sample_size=UNET_SAMPLE_SIZE,
-            in_channels=in_channels,
-            out_channels=4,
-            # Mirrors SDXL: no attention at the highest resolution.
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            **_unet_like_kwargs(),
-        )
-
-    seeded(seed, build).save_pretrained(folder, safe_serialization=True)
+    return lambda: UNet2DConditionModel(
+        sample_size=UNET_SAMPLE_SIZE,
+        in_channels=in_channels,
+        out_channels=4,
+        # Mirrors SDXL: no attention at the highest resolution.
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_unet_like_kwargs(),
+    )
 
 
-def _write_controlnet(folder: pathlib.Path, seed: int) -> None:
+def _controlnet_model() -> Callable[[], Any]:
     from diffusers import ControlNetModel
 
-    def build() -> ControlNetModel:
-        return ControlNetModel(
-            in_channels=4,
-            conditioning_channels=3,
-            conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS,
-            **_unet_like_kwargs(),
-        )
-
-    # `seeded` re-draws the zero-initialised convs too, so the residuals are not zero.
-    seeded(seed, build).save_pretrained(folder, safe_serialization=True)
+    return lambda: ControlNetModel(
+        in_channels=4,
+        conditioning_channels=3,
+        conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS,
+        **_unet_like_kwargs(),
+    )
 
 
 def _write_model_index(out: pathlib.Path, *, inpaint: bool) -> None:

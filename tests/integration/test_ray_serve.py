@@ -7,6 +7,7 @@ One Serve application (module-scoped) serves every test here; it takes ~30 s to 
 
 from __future__ import annotations
 
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.integration.step_batching import (  # noqa: E402
 )
 
 MODEL = "tiny-sd"
+SDXL = "tiny-sdxl"
 MODELS_YAML = """
 models:
   tiny-sd:
@@ -40,6 +42,13 @@ models:
     defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
     sizes: [32x32, 64x64]
     limits: {{max_steps: 50, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
+  tiny-sdxl:
+    family: sdxl
+    path: {sdxl_path}
+    create_tiny: sdxl
+    defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
+    sizes: [32x32, 32x48]
+    limits: {{max_steps: 4, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
 """
 # The default model too, for "Ray = embedded" on the model a new user meets first.
 SHAPES_YAML = """
@@ -57,7 +66,8 @@ ROLES = ("TextEncoder", "Denoiser", "VAE")
 def ray_app(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("ray")
     models_file = folder / "models.yaml"
-    models_file.write_text(MODELS_YAML.format(path=folder / "tiny-sd")
+    models_file.write_text(MODELS_YAML.format(path=folder / "tiny-sd",
+                                              sdxl_path=folder / "tiny-sdxl")
                            + SHAPES_YAML.format(path=SHAPES))
     with local_serve_app({"models_file": str(models_file)}) as base_url:
         handles = {role: serve.get_deployment_handle(role, app_name="blockserve")
@@ -140,6 +150,38 @@ def test_default_model_gives_the_embedded_bytes_at_several_seeds(ray_app, embedd
     expected_cached = embedded.post("/v1/images/generations", json=cached)
     assert got_cached.json()["data"][0]["b64_json"] == \
         expected_cached.json()["data"][0]["b64_json"] != got.json()["data"][0]["b64_json"]
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sdxl_requests() -> list[tuple[str, dict]]:
+    """(route, request) pairs: SDXL text-to-image (two images, a negative prompt,
+    non-square) and inpainting."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 32, 3), dtype=np.uint8)
+    mask = np.zeros((48, 32), dtype=np.uint8)
+    mask[12:36, 8:24] = 255
+    return [
+        ("generations", {"json": {"model": SDXL, "prompt": "a red fox", "n": 2, "seed": 7,
+                                  "size": "32x48", "negative_prompt": "blurry"}}),
+        ("edits", {"data": {"model": SDXL, "prompt": "a cat", "seed": "8", "size": "32x48"},
+                   "files": {"image": ("image.png", _png_bytes(image), "image/png"),
+                             "mask": ("mask.png", _png_bytes(mask), "image/png")}}),
+    ]
+
+
+def test_sdxl_gives_the_embedded_apps_pngs(ray_app, embedded) -> None:
+    for route, request in _sdxl_requests():
+        got = httpx.post(f"{ray_app['url']}/v1/images/{route}", timeout=120, **request)
+        expected = embedded.post(f"/v1/images/{route}", **request)
+        assert got.status_code == expected.status_code == 200, (route, got.text)
+        # One engine and the batch-invariant CPU kernels in both: the same PNG bytes.
+        assert [item["b64_json"] for item in got.json()["data"]] == [
+            item["b64_json"] for item in expected.json()["data"]], route
 
 
 def test_mixed_steps_guidance_joins_and_a_cancellation_change_no_image(ray_app) -> None:
