@@ -30,6 +30,7 @@ from diffusers import (
 from PIL import Image
 
 from blocks import ModularPipeline
+from blocks.errors import InvalidInput
 from blocks.stable_diffusion_xl import (
     StableDiffusionXLAutoBlocks,
     StableDiffusionXLControlNetAutoBlocks,
@@ -381,16 +382,20 @@ def test_float32_vae_beside_bfloat16_models(sdxl_dir, inputs):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "param", "message"),
     [
-        ({"original_size": (64,)}, r"prepare_add_cond: original_size must be a pair"),
-        ({"negative_crops_coords_top_left": (-1, 0)},
+        ({"original_size": (64,)}, "original_size",
+         r"prepare_add_cond: original_size must be a pair"),
+        ({"negative_crops_coords_top_left": (-1, 0)}, "negative_crops_coords_top_left",
          r"negative_crops_coords_top_left must be a pair of non-negative integers"),
-        ({"prompt_2": ["a", "b"]}, r"text_encoder: got 2 prompt_2 for 1 prompts"),
-        ({"clip_skip": 3}, r"text_encoder: clip_skip must be in 0\.\.2"),
-        ({"strength": 1.5, "image": _image()}, r"set_timesteps: strength must be in \[0, 1\]"),
+        ({"prompt_2": ["a", "b"]}, "prompt_2", r"text_encoder: got 2 prompt_2 for 1 prompts"),
+        ({"clip_skip": 3}, "clip_skip", r"text_encoder: clip_skip must be in 0\.\.2"),
+        ({"strength": 1.5, "image": _image()}, "strength",
+         r"set_timesteps: strength must be in \[0, 1\]"),
     ],
 )
-def test_bad_inputs_name_the_block_and_field(pipe, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_inputs_name_the_block_and_field(pipe, kwargs, param, message):
+    # InvalidInput: the service answers 400 naming `param`.
+    with pytest.raises(InvalidInput, match=message) as raised:
         pipe(**{"prompt": PROMPT, "generator": _generator(), **STEPS, **kwargs})
+    assert raised.value.param == param
