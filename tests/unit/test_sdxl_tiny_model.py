@@ -12,6 +12,7 @@ import transformers
 from diffusers import StableDiffusionXLPipeline
 
 from blocks.stable_diffusion_xl.tiny_model import write_tiny_sdxl
+from service.cli import main
 from tests.unit.checkpoint_files import constant_tensors, digest
 
 pytestmark = pytest.mark.usefixtures("quiet_diffusers")
@@ -39,7 +40,9 @@ def test_layout_and_no_constant_tensor(sdxl_dir: pathlib.Path, tmp_path: pathlib
     assert "controlnet" not in index and (sdxl_dir / "controlnet").is_dir()
     unet = json.loads((sdxl_dir / "unet" / "config.json").read_text())
     assert unet["addition_embed_type"] == "text_time" and unet["cross_attention_dim"] == 72
-    inpaint = write_tiny_sdxl(tmp_path / "inpaint", inpaint=True)
+    # Through the CLI: the family's declaration alone makes `blockserve tiny-model sdxl` work.
+    inpaint = tmp_path / "inpaint"
+    assert main(["tiny-model", "sdxl", str(inpaint), "--inpaint"]) == 0
     assert json.loads((inpaint / "model_index.json").read_text())["_class_name"] == (
         "StableDiffusionXLInpaintPipeline")
     assert json.loads((inpaint / "unet" / "config.json").read_text())["in_channels"] == 9
@@ -61,3 +64,11 @@ def test_diffusers_sdxl_pipeline_runs_it(sdxl_dir: pathlib.Path) -> None:
     images = pipe("a red circle", negative_prompt="blurry", num_inference_steps=2, height=32,
                   width=48, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 32, 48, 3) and images.std() > 0.01
+
+
+def test_only_the_tiny_size_exists(tmp_path: pathlib.Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny-model", "sdxl", str(tmp_path / "out"), "--size", "real"])
+    assert exit_info.value.code == 2
+    assert "only size 'tiny' exists for SDXL" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
