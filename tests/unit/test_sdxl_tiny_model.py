@@ -72,3 +72,17 @@ def test_only_the_tiny_size_exists(tmp_path: pathlib.Path, capsys) -> None:
     assert exit_info.value.code == 2
     assert "only size 'tiny' exists for SDXL" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_blockserve_opens_it_as_the_sdxl_pipeline_class(sdxl_dir: pathlib.Path) -> None:
+    from blocks import ModularPipeline
+    from blocks.stable_diffusion_xl import (
+        StableDiffusionXLAutoBlocks,
+        StableDiffusionXLModularPipeline,
+    )
+
+    pipe = ModularPipeline.from_pretrained(sdxl_dir)
+    assert type(pipe) is StableDiffusionXLModularPipeline  # declared by the family
+    assert type(pipe.blocks) is StableDiffusionXLAutoBlocks
+    assert pipe.blocks.model_name == "stable-diffusion-xl"
+    assert type(StableDiffusionXLAutoBlocks().init_pipeline()) is StableDiffusionXLModularPipeline
