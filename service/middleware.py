@@ -10,7 +10,9 @@ One pure-ASGI middleware, outermost in the app, so it sees every request and eve
   is read, and while streaming for chunked bodies; a body that has not fully arrived
   `read_timeout_s` after the request started gets 408 and the connection is closed;
 - a client that goes away before its response starts (mid-upload, say) is a client abort:
-  counted as 499 and logged in one line, not a server error;
+  counted as 499 and logged in one line, not a server error, however the news arrives: an
+  `http.disconnect`, a `receive` that fails, or the request's task cancelled (Ray Serve's
+  proxy does the last two when its client leaves);
 - turns any exception a route did not expect into a logged (with traceback and request id)
   plain 500 in the OpenAI error shape that leaks nothing;
 - records `blockserve_requests_total` / `..._request_duration_seconds` for the generation
@@ -99,7 +101,7 @@ class ServiceMiddleware:
             if early is not None:
                 await self._send_error(send_with_id, early)
             else:
-                await self.app(scope, self._limited(receive, start), send_with_id)
+                await self.app(scope, self._limited(receive, start, request_id), send_with_id)
         except APIError as error:  # a body-size error raised outside the app's handlers
             if not started:
                 await self._send_error(send_with_id, error)
@@ -109,6 +111,15 @@ class ServiceMiddleware:
                         request_id, scope.get("method"), scope.get("path"))
             if not started:
                 status = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            # Behind Ray Serve the proxy, not the client, sees the connection drop: it cancels
+            # the replica's task, so a client that leaves mid-upload (or while it waits)
+            # arrives here as a cancellation rather than an `http.disconnect`. Still its abort.
+            logger.info("request %s %s %s: cancelled (the client went away)", request_id,
+                        scope.get("method"), scope.get("path"))
+            if not started:
+                status = CLIENT_CLOSED
+            raise
         except Exception:
             logger.exception("request %s %s %s failed", request_id, scope.get("method"),
                              scope.get("path"))
@@ -143,19 +154,37 @@ class ServiceMiddleware:
             return self._too_large()
         return None
 
-    def _limited(self, receive: Receive, start: float) -> Receive:
-        """`receive` with the body-size cap, and a deadline for the body to arrive by."""
+    def _limited(self, receive: Receive, start: float, request_id: str) -> Receive:
+        """`receive` with the body-size cap, and a deadline for the body to arrive by.
+
+        A `receive` that fails is a connection gone: behind Ray Serve, `receive` calls back
+        into Serve's proxy, and once the client has left that call can fail (Ray's
+        `TaskCancelledError`) instead of returning the `http.disconnect` uvicorn would give.
+        From then on it reads as `http.disconnect`, so a client leaving mid-upload is a 499
+        whichever way the news arrives, never an unexpected error."""
         received = 0
         body_done = False
+        gone = False
         deadline = start + self.read_timeout_s
+
+        async def from_client() -> Message:
+            nonlocal gone
+            if not gone:
+                try:
+                    return await receive()
+                except Exception as error:
+                    logger.info("request %s: receiving from the client failed (%s): the "
+                                "connection is gone", request_id, type(error).__name__)
+                    gone = True
+            return {"type": "http.disconnect"}
 
         async def limited_receive() -> Message:
             nonlocal received, body_done
             if body_done:  # after the body, receive only waits for a disconnect: no deadline
-                return await receive()
+                return await from_client()
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(),
-                                                                0.0))
+                message = await asyncio.wait_for(from_client(),
+                                                 max(deadline - time.perf_counter(), 0.0))
             except asyncio.TimeoutError:
                 raise APIError(408, f"request body not received within "
                                f"{self.read_timeout_s:g}s", None, "request_timeout",

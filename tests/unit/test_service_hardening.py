@@ -398,6 +398,57 @@ def test_a_client_leaving_mid_upload_is_a_499_not_a_server_error(caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+class _ProxyCallFailed(Exception):
+    """What Ray's `TaskCancelledError` is to the app: `receive` is a call back into Serve's
+    proxy, and it fails once the proxy has dropped the request (unit tests run no Ray)."""
+
+
+@pytest.mark.parametrize("news", ["task cancelled", "receive fails"])
+def test_a_client_leaving_mid_upload_behind_a_proxy_is_a_499(news, caplog):
+    """How Ray Serve's proxy tells the app that a client left mid-upload: part of the body has
+    arrived, then either the replica's task is cancelled while it waits for more, or its next
+    `receive` fails. Never the `http.disconnect` uvicorn sends."""
+    from starlette.requests import Request
+
+    metrics = ServiceMetrics(manager=_NoManager())
+    sent: list[dict] = []
+
+    async def route(scope, receive, send):
+        await Request(scope, receive).body()
+
+    async def main() -> None:
+        first = [{"type": "http.request", "body": b'{"prompt": "aa', "more_body": True}]
+        waiting = asyncio.Event()
+
+        async def receive():
+            if first:
+                return first.pop(0)
+            if news == "receive fails":
+                raise _ProxyCallFailed("Task: 248c2add was cancelled.")
+            waiting.set()
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/images/generations",
+                 "headers": [(b"content-type", b"application/json")]}
+        middleware = ServiceMiddleware(route, max_body_bytes=1 << 20, metrics=metrics)
+        task = asyncio.create_task(middleware(scope, receive, send))
+        if news == "task cancelled":
+            await waiting.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task  # the cancellation goes on to whoever cancelled
+        else:
+            await task
+
+    asyncio.run(main())
+    assert sent == []  # nobody to answer
+    assert _count(metrics, "499") == 1 and _count(metrics, "500") == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_a_body_that_stalls_gets_408_and_the_connection_closes():
     start = time.monotonic()
     sent, metrics = _run_middleware(
