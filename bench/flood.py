@@ -13,8 +13,8 @@ Printed: answers by status and error code, latency (p50/p95/max) of the 200s and
 refusals, refusals without Retry-After, answers carrying `x-request-id` more than once, and
 in Ray mode how many times Serve scaled the Router up (from its controller's log).
 
-    python bench/flood.py [--ray] [--queue-size 4] [--clients 200] [--duration 60]
-        [--pause 0.25]
+    python bench/flood.py [--ray [--ray-config FILE]] [--queue-size 4] [--clients 200]
+        [--duration 60] [--pause 0.25]
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                    "--port", str(port)]
         if args.ray:
             command += ["--ray", "--ray-num-cpus", "2"]
+            if args.ray_config:
+                command += ["--ray-config", str(args.ray_config.resolve())]
         server = start("flood", command, env, folder, port)
         try:
             import serve_throughput
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ray", action="store_true", help="blockserve serve --ray")
+    parser.add_argument("--ray-config", type=Path,
+                        help="with --ray: a Serve config (default deployments/serve_config.yaml)")
     parser.add_argument("--queue-size", type=int, default=4, help="BLOCKSERVE_QUEUE_SIZE")
     parser.add_argument("--clients", type=int, default=200, help="concurrent clients")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
