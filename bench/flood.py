@@ -36,16 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve_throughput import free_port, start, wait_ready  # noqa: E402
+from soak import MODELS_YAML  # noqa: E402  (tiny SD, 32x32, 2 steps)
 
-MODELS_YAML = """
-models:
-  tiny-sd:
-    family: sd
-    path: {path}
-    create_tiny: sd
-    defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
-    sizes: [32x32]
-"""
 READY_TIMEOUT_S = 400.0  # Ray on a loaded 2-core machine
 
 
