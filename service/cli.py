@@ -12,11 +12,15 @@
     blockserve train-shapes OUT_DIR [--seed 0] [--vae-steps N] [--unet-steps N] [--threads 1]
                         [--overwrite]
                         train the tiny shapes model on the CPU (47 min at the defaults)
+    blockserve train-lora-shapes OUT_DIR [--base CHECKPOINT] [--seed 0] [--steps N]
+                        [--overwrite] [--models FILE]
+                        train the "ring" LoRA adapter on the shapes model on the CPU
     blockserve eval-shapes [CHECKPOINT] [--prompts 50] [--steps N] [--guidance-scale G]
                         [--seed 0] [--grid grid.png] [--per-prompt] [--models FILE]
-                        [--step-cache METHOD]
+                        [--step-cache METHOD] [--lora FILE_OR_DIR] [--rings]
                         score prompt adherence; exit 1 below the thresholds
-                        (CHECKPOINT: the models file's default model)
+                        (CHECKPOINT: the models file's default model; --lora: with that
+                        adapter at scale 1; --rings: ring prompts, the ring adapter's shape)
 
 The models file defaults to BLOCKSERVE_MODELS_FILE, else the packaged one (service/models.yaml).
 Argument errors exit with status 2 and a message naming the argument, never a traceback.
@@ -25,6 +29,7 @@ Argument errors exit with status 2 and a message naming the argument, never a tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 GRID_IMAGES = 32  # eval-shapes --grid: 4 rows of 8, enough to see every shape and colour
+COMPARISON_COLUMNS = 8  # eval-shapes --lora --grid: 8 prompts, the base model's row above
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -134,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace OUT_DIR's checkpoint once the new one is complete")
 
+    lora = commands.add_parser(
+        "train-lora-shapes", help="train the ring LoRA adapter on the shapes model on the CPU"
+    )
+    lora.add_argument("out_dir", type=Path, help="where to write it (missing or empty)")
+    lora.add_argument("--base", type=Path,
+                      help="the shapes checkpoint (default: the models file's default model)")
+    lora.add_argument("--models", type=Path, help="models file (for the default --base)")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--steps", type=_positive,
+                      help="training steps (default: the committed adapter's)")
+    lora.add_argument("--overwrite", action="store_true",
+                      help="replace OUT_DIR's adapter once the new one is complete")
+
     evaluate = commands.add_parser(
         "eval-shapes", help="score a shapes checkpoint's prompt adherence"
     )
@@ -152,9 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="off (default) or deepcache: skip the UNet's deep levels "
                                "between full steps")
     evaluate.add_argument("--grid", type=Path,
-                          help=f"write the first {GRID_IMAGES} images as a labelled grid (PNG)")
+                          help=f"write the first {GRID_IMAGES} images as a labelled grid (PNG); "
+                               f"with --lora: the first {COMPARISON_COLUMNS} prompts, the base "
+                               "model's images above the adapter's")
     evaluate.add_argument("--per-prompt", action="store_true",
                           help="also print what was read for each prompt")
+    evaluate.add_argument("--lora", type=Path, metavar="FILE_OR_DIR",
+                          help="generate with this LoRA adapter at scale 1 (diffusers or "
+                               "kohya file, or a folder holding pytorch_lora_weights.safetensors)")
+    evaluate.add_argument("--rings", action="store_true",
+                          help="ring prompts (the ring adapter's shape) instead of the base "
+                               "model's shapes")
     return parser
 
 
@@ -205,6 +232,26 @@ def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)")
 
 
+def run_train_lora_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    out = args.out_dir
+    if out.exists() and not out.is_dir():
+        parser.error(f"OUT_DIR {out} is a file")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        parser.error(f"OUT_DIR {out} must be missing or an empty folder (--overwrite replaces "
+                     "it; an interrupted run leaves nothing there)")
+    base = args.base or _default_checkpoint(args, parser)
+    if not (base / "model_index.json").is_file():
+        parser.error(f"--base {base} is not a checkpoint folder (no model_index.json)")
+    from recipes.shapes import lora_training
+
+    config = lora_training.RingLoraConfig(seed=args.seed)
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
+    start = time.perf_counter()
+    path = lora_training.train_ring_lora(base, out, config, overwrite=args.overwrite)
+    print(f"wrote {path} ({(time.perf_counter() - start) / 60:.1f} min)")
+
+
 def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Prints the report; 0 when every metric meets its threshold, else 1."""
     if args.grid is not None and args.grid.suffix.lower() != ".png":
@@ -212,20 +259,35 @@ def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     checkpoint = args.checkpoint or _default_checkpoint(args, parser)
     if not (checkpoint / "model_index.json").is_file():
         parser.error(f"CHECKPOINT {checkpoint} is not a checkpoint folder (no model_index.json)")
+    if args.lora is not None and not args.lora.exists():
+        parser.error(f"--lora {args.lora}: no such file or folder")
     from recipes.shapes import evaluation
     from service.torch_threads import apply_torch_threads
 
     apply_torch_threads()
     try:  # before loading anything, so a bad --prompts fails at once
-        prompts = evaluation.evaluation_combinations(args.prompts)
+        choose = (evaluation.ring_evaluation_combinations if args.rings
+                  else evaluation.evaluation_combinations)
+        prompts = choose(args.prompts)
     except ValueError as error:
         parser.error(f"--prompts {args.prompts}: {error}")
+    from blocks.lora import LoraFileError
     from blocks.step_cache import InvalidStepCache
+
+    pipeline, label = None, checkpoint
+    if args.lora is not None:
+        pipeline = evaluation.load_shapes_pipeline(checkpoint)
+        try:
+            pipeline.load_lora_weights(str(args.lora), adapter_name="evaluated")
+        except LoraFileError as error:
+            parser.error(f"--lora {args.lora}: {error}")
+        label = f"{checkpoint} + LoRA {args.lora}"
 
     options = {"steps": args.steps, "guidance_scale": args.guidance_scale}
     try:
         report = evaluation.evaluate_shapes(
-            checkpoint, prompts, seed=args.seed, progress=True, step_cache=args.step_cache,
+            label, prompts, seed=args.seed, progress=True, step_cache=args.step_cache,
+            pipeline=pipeline,
             **{k: v for k, v in options.items() if v is not None}
         )
     except InvalidStepCache as error:
@@ -233,7 +295,15 @@ def run_eval_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     print(evaluation.format_report(report, per_prompt=args.per_prompt))
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
-        evaluation.render_grid(report.results[:GRID_IMAGES]).save(args.grid, optimize=True)
+        shown = report.results[:GRID_IMAGES]
+        if args.lora is not None:  # the base model's images for the same prompts and seeds
+            shown = report.results[:COMPARISON_COLUMNS]
+            base = evaluation.evaluate_shapes(
+                checkpoint, [r.combination for r in shown], seed=args.seed,
+                step_cache=args.step_cache,
+                **{k: v for k, v in options.items() if v is not None})
+            shown = base.results + shown
+        evaluation.render_grid(shown).save(args.grid, optimize=True)
         print(f"wrote {args.grid}")
     return 0 if report.passed else 1
 
@@ -406,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_models(args, parser)
     elif args.command == "train-shapes":
         run_train_shapes(args, parser)
+    elif args.command == "train-lora-shapes":
+        run_train_lora_shapes(args, parser)
     elif args.command == "eval-shapes":
         return run_eval_shapes(args, parser)
     return 0

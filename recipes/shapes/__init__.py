@@ -7,8 +7,9 @@ generated images show what their prompts ask for.
     print(format_report(evaluate_shapes("out/tiny-shapes-sd")))
 
 or, from a shell, `blockserve train-shapes OUT_DIR` and `blockserve eval-shapes [CHECKPOINT]`.
-The committed result lives in `assets/tiny-shapes-sd/`. Nothing here is imported by
-`import blocks`.
+The committed result lives in `assets/tiny-shapes-sd/`. `train_ring_lora` (`blockserve
+train-lora-shapes OUT_DIR`) trains a LoRA adapter that teaches it rings, a shape it never saw
+(`assets/ring-lora/`). Nothing here is imported by `import blocks`.
 """
 
 from recipes.shapes.dataset import HELD_OUT_COMBINATIONS, caption
@@ -19,7 +20,9 @@ from recipes.shapes.evaluation import (
     format_report,
     load_shapes_pipeline,
     render_grid,
+    ring_evaluation_combinations,
 )
+from recipes.shapes.lora_training import RingLoraConfig, train_ring_lora
 from recipes.shapes.training import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
@@ -31,6 +34,7 @@ __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_STEPS",
     "HELD_OUT_COMBINATIONS",
+    "RingLoraConfig",
     "ShapesReport",
     "ShapesTrainingConfig",
     "caption",
@@ -39,5 +43,7 @@ __all__ = [
     "format_report",
     "load_shapes_pipeline",
     "render_grid",
+    "ring_evaluation_combinations",
+    "train_ring_lora",
     "train_shapes",
 ]

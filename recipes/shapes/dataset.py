@@ -25,6 +25,10 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+# Shapes the base model never sees, taught by adapters (the ring LoRA, `recipes.shapes.
+# lora_training`): a ring is a circle with a hole of the background colour in its middle.
+ADAPTER_SHAPES: tuple[str, ...] = ("ring",)
+RING_INNER_RATIO = 0.5  # hole diameter / ring diameter: the hole is 25% of the disc
 
 # Colours far apart in RGB, so "nearest palette colour" is unambiguous for a slightly-off pixel.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -94,6 +98,27 @@ def training_combinations() -> list[Combination]:
     return [c for c in all_combinations() if c not in HELD_OUT_COMBINATIONS]
 
 
+def ring_combinations(held_out: bool) -> list[Combination]:
+    """("ring", colour, background) combinations in a fixed order: the 9 with
+    (2 * colour + background) % 10 == 0 are held out of the ring adapter's training (`held_out`
+    True), the other 81 are trained on."""
+    return [
+        ("ring", colour, background)
+        for colour in SHAPE_COLOURS
+        for background in BACKGROUND_COLOURS
+        if colour != background
+        and ((2 * COLOURS.index(colour) + COLOURS.index(background)) % 10 == 0) == held_out
+    ]
+
+
+def is_held_out(combination: Combination) -> bool:
+    """Whether a combination was kept out of training (the base model's or the ring
+    adapter's)."""
+    if combination[0] == "ring":
+        return combination in _RING_HELD_OUT
+    return combination in HELD_OUT_COMBINATIONS
+
+
 def caption(shape: str, colour: str, background: str) -> str:
     article = "an" if colour[0] in "aeiou" else "a"
     return f"{article} {colour} {shape} on a {background} background"
@@ -129,8 +154,8 @@ def draw_shape(
     image_size: int = IMAGE_SIZE,
 ) -> Image.Image:
     """Draw one anti-aliased shape whose bounding box is `size` pixels wide, centred at `center`."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    if shape not in SHAPES + ADAPTER_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES + ADAPTER_SHAPES)}")
     for name in (colour, background):
         if name not in PALETTE:
             raise ValueError(f"unknown colour {name!r}; valid: {', '.join(COLOURS)}")
@@ -140,8 +165,11 @@ def draw_shape(
     cx, cy = center[0] * scale, center[1] * scale
     half = size * scale / 2
     fill = PALETTE[colour]
-    if shape == "circle":
+    if shape in ("circle", "ring"):
         draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
+        if shape == "ring":
+            hole = half * RING_INNER_RATIO
+            draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=PALETTE[background])
     elif shape == "square":
         draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
     elif shape == "triangle":
@@ -194,3 +222,4 @@ def sample_batch(
 
 
 _TRAINING = training_combinations()
+_RING_HELD_OUT = frozenset(ring_combinations(held_out=True))

@@ -24,6 +24,8 @@ from recipes.shapes.dataset import (
     HELD_OUT_COMBINATIONS,
     Combination,
     caption,
+    is_held_out,
+    ring_combinations,
     training_combinations,
 )
 from recipes.shapes.scoring import ShapeReading, read_shape
@@ -37,9 +39,20 @@ THRESHOLDS = {"colour": 0.9, "background": 0.9, "shape": 0.7}
 def evaluation_combinations(count: int = DEFAULT_PROMPT_COUNT, seed: int = 0) -> list[Combination]:
     """`count` distinct combinations alternating held-out and seen (held-out first), so any
     prefix is balanced. Fixed by `seed`."""
+    return _alternate(sorted(HELD_OUT_COMBINATIONS), training_combinations(), count, seed)
+
+
+def ring_evaluation_combinations(count: int = 24, seed: int = 0) -> list[Combination]:
+    """`count` ring prompts (the ring adapter's shape), alternating its 9 held-out and its
+    trained colour pairs (held-out first), then trained ones. Fixed by `seed`."""
+    return _alternate(ring_combinations(held_out=True), ring_combinations(held_out=False),
+                      count, seed)
+
+
+def _alternate(held_out: list[Combination], seen: list[Combination], count: int,
+               seed: int) -> list[Combination]:
     rng = random.Random(seed)
-    held_out = sorted(HELD_OUT_COMBINATIONS)
-    seen = training_combinations()
+    held_out, seen = list(held_out), list(seen)
     rng.shuffle(held_out)
     rng.shuffle(seen)
     mixed = [c for pair in zip(held_out, seen[: len(held_out)], strict=True) for c in pair]
@@ -151,7 +164,7 @@ def evaluate_shapes(
             )[0]
         seconds = time.perf_counter() - start
         results.append(
-            PromptResult(combo, combo in HELD_OUT_COMBINATIONS, read_shape(image), seconds, image)
+            PromptResult(combo, is_held_out(combo), read_shape(image), seconds, image)
         )
     return ShapesReport(str(checkpoint), steps, guidance_scale, results,
                         "off" if config is None else str(config))

@@ -7,9 +7,12 @@ prompts (`recipes.shapes.evaluation`):
 2. background = the most common colour on the image border;
 3. shape colour = the most common non-background colour (a minimum share of the image is
    required, else no shape was drawn);
-4. shape = the largest 4-connected region of the shape colour, classified by two descriptors:
-   solidity (area / convex-hull area: a star's points leave ~40% of its hull empty) and extent
-   (area / bounding-box area: square ~1, circle ~pi/4, triangle ~1/2).
+4. shape = the largest 4-connected region of the shape colour, classified by three
+   descriptors: holes (the share of the region's filled outline that is enclosed non-shape
+   pixels: a ring's hole is 25%, a filled shape's 0; a holed region whose filled outline reads
+   as a circle is a ring, the shape only the ring adapter draws), solidity (area / convex-hull
+   area: a star's points leave ~40% of its hull empty) and extent (area / bounding-box area:
+   square ~1, circle ~pi/4, triangle ~1/2).
 
 It assumes what `recipes.shapes.dataset` draws (one upright shape, axis-aligned squares, a flat
 background) and does not try to read arbitrary images. The thresholds are midpoints between
@@ -33,6 +36,8 @@ MIN_SHAPE_FRACTION = 0.01
 # Ideal values: star solidity ~0.58, other shapes 1.0; extent square 1.0, circle 0.785,
 # triangle 0.5, so the boundaries sit halfway between neighbours.
 STAR_MAX_SOLIDITY = 0.8
+# A ring's hole is RING_INNER_RATIO^2 = 25% of its disc, a filled shape's 0.
+RING_MIN_HOLES = 0.125
 SQUARE_MIN_EXTENT = 0.89
 CIRCLE_MIN_EXTENT = 0.64
 
@@ -49,6 +54,7 @@ class ShapeReading:
     solidity: float
     extent: float
     area: int  # pixels in the shape's region
+    holes: float = 0.0  # enclosed non-shape pixels / (area + those pixels)
 
 
 def palette_labels(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -76,10 +82,19 @@ def read_shape(image: Image.Image | np.ndarray) -> ShapeReading:
     ys, xs = np.nonzero(region)
     box_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
     extent = area / float(box_area)
-    solidity = area / max(convex_hull_area(region), 1.0)
+    hull_area = max(convex_hull_area(region), 1.0)
+    solidity = area / hull_area
+    enclosed = enclosed_area(region)
+    filled = area + enclosed
+    holes = enclosed / float(filled)
+    shape = classify_shape(solidity, extent)
+    # A ring is a holed region that reads as a circle once its hole is filled in; a base
+    # model's blotchy star or square with a gap stays what its outline says.
+    filled_shape = classify_shape(filled / hull_area, filled / box_area)
+    if holes >= RING_MIN_HOLES and filled_shape == "circle":
+        shape = "ring"
     return ShapeReading(
-        COLOURS[background], COLOURS[colour], classify_shape(solidity, extent),
-        solidity, extent, area,
+        COLOURS[background], COLOURS[colour], shape, solidity, extent, area, holes,
     )
 
 
@@ -115,6 +130,25 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         if size > best_size:
             best_label, best_size = label, size
     return component == best_label
+
+
+def enclosed_area(region: np.ndarray) -> int:
+    """Pixels outside `region` that it encloses: those not 4-connected to the image border
+    through non-region pixels."""
+    outside = ~region
+    reached = np.zeros(region.shape, dtype=bool)
+    height, width = region.shape
+    queue = deque((y, x) for y, x in zip(*np.nonzero(outside), strict=True)
+                  if y in (0, height - 1) or x in (0, width - 1))
+    for y, x in queue:
+        reached[y, x] = True
+    while queue:
+        y, x = queue.popleft()
+        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= ny < height and 0 <= nx < width and outside[ny, nx] and not reached[ny, nx]:
+                reached[ny, nx] = True
+                queue.append((ny, nx))
+    return int((outside & ~reached).sum())
 
 
 def convex_hull_area(mask: np.ndarray) -> float:

@@ -317,7 +317,7 @@ class ShapesTrainer:
         torch.manual_seed(cfg.seed)
         vae = build_vae().train()
         optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-        schedule = _warmup_cosine(optimizer, cfg.vae_steps, warmup=min(100, cfg.vae_steps // 10))
+        schedule = warmup_cosine(optimizer, cfg.vae_steps, warmup=min(100, cfg.vae_steps // 10))
         generator = torch.Generator().manual_seed(cfg.seed)
         start, running = time.perf_counter(), 0.0
         for step in range(1, cfg.vae_steps + 1):
@@ -394,7 +394,7 @@ class ShapesTrainer:
             ],
             weight_decay=cfg.weight_decay,
         )
-        schedule = _warmup_cosine(optimizer, cfg.unet_steps, warmup=cfg.warmup_steps)
+        schedule = warmup_cosine(optimizer, cfg.unet_steps, warmup=cfg.warmup_steps)
         ema_unet = copy.deepcopy(unet).requires_grad_(False)
         ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
         generator = torch.Generator().manual_seed(cfg.seed + 3)
@@ -468,7 +468,7 @@ class ShapesTrainer:
         )
 
 
-def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

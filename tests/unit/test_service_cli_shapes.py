@@ -98,6 +98,11 @@ DEMO_MODELS = "models:\n  demo: {family: demo}\n"
         (["eval-shapes", "{ckpt}", "--grid", "grid.jpg"], "--grid must end in .png"),
         (["eval-shapes", "{tmp}"], "CHECKPOINT {tmp} is not a checkpoint folder"),
         (["eval-shapes", "--models", "{tmp}/demo.yaml"], "'demo' has no checkpoint"),
+        (["eval-shapes", "{ckpt}", "--lora", "{tmp}/gone"], "--lora {tmp}/gone: no such file"),
+        (["train-lora-shapes", "{tmp}/full"], "OUT_DIR {tmp}/full must be missing or an empty"),
+        (["train-lora-shapes", "{tmp}/new", "--steps", "0"], "--steps: must be >= 1"),
+        (["train-lora-shapes", "{tmp}/new", "--base", "{tmp}"],
+         "--base {tmp} is not a checkpoint folder"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(args, fragment, tmp_path, capsys) -> None:

@@ -7,7 +7,13 @@ import random
 
 import numpy as np
 
-from recipes.shapes.dataset import PALETTE, all_combinations, draw_shape, sample_shape
+from recipes.shapes.dataset import (
+    PALETTE,
+    all_combinations,
+    draw_shape,
+    ring_combinations,
+    sample_shape,
+)
 from recipes.shapes.scoring import NO_SHAPE, convex_hull_area, read_shape
 
 
@@ -29,6 +35,24 @@ def test_every_shape_at_both_size_extremes() -> None:
             image = draw_shape(shape, "pink", "green", size=size, center=(31.3, 33.7))
             reading = read_shape(image)
             assert (reading.shape, reading.colour, reading.background) == (shape, "pink", "green")
+
+
+def test_rings_read_as_rings_and_a_gap_in_a_filled_shape_does_not() -> None:
+    # Rings are the ring adapter's shape: every colour pair, both size extremes.
+    rng = random.Random(5)
+    combos = ring_combinations(held_out=False) + ring_combinations(held_out=True)
+    for sample in [sample_shape(rng, combos) for _ in range(90)]:
+        reading = read_shape(sample.image)
+        assert (reading.shape, reading.colour, reading.background) == sample.combination
+    for size in (26, 46):
+        assert read_shape(draw_shape("ring", "pink", "green", size=size, center=(31.3, 33.7))
+                          ).shape == "ring"
+    # A hole in a square or star is not a ring: only a holed circle is.
+    for shape in ("square", "star"):
+        image = np.asarray(draw_shape(shape, "red", "white", size=46, center=(32, 32))).copy()
+        image[29:36, 29:36] = PALETTE["white"]
+        reading = read_shape(image)
+        assert reading.holes > 0.0 and reading.shape == shape
 
 
 def test_flat_image_has_no_shape() -> None:
