@@ -216,13 +216,19 @@ def run_tiny_model(args: argparse.Namespace, extra: list[str],
     print(f"wrote {path}")
 
 
-def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _out_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """A training command's OUT_DIR, refused unless missing, empty or --overwrite."""
     out = args.out_dir
     if out.exists() and not out.is_dir():
         parser.error(f"OUT_DIR {out} is a file")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         parser.error(f"OUT_DIR {out} must be missing or an empty folder (--overwrite replaces "
                      "it; an interrupted run leaves nothing there)")
+    return out
+
+
+def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    out = _out_dir(args, parser)
     from recipes.shapes import training
 
     start = time.perf_counter()
@@ -233,12 +239,7 @@ def run_train_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def run_train_lora_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    out = args.out_dir
-    if out.exists() and not out.is_dir():
-        parser.error(f"OUT_DIR {out} is a file")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        parser.error(f"OUT_DIR {out} must be missing or an empty folder (--overwrite replaces "
-                     "it; an interrupted run leaves nothing there)")
+    out = _out_dir(args, parser)
     base = args.base or _default_checkpoint(args, parser)
     if not (base / "model_index.json").is_file():
         parser.error(f"--base {base} is not a checkpoint folder (no model_index.json)")

@@ -407,11 +407,7 @@ class ShapesTrainer:
             caption_ids = pool_ids[batch].clone()
             drop = torch.rand(cfg.unet_batch_size, generator=generator) < cfg.caption_dropout
             caption_ids[drop] = empty_id
-            timesteps = torch.randint(0, 1000, (cfg.unet_batch_size,), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
-            a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+            timesteps, noisy, target, a = noised_batch(x0, alphas_cumprod, generator)
 
             hidden = text_encoder(tokens[caption_ids]).last_hidden_state  # (B, 77, 64)
             prediction = unet(noisy, timesteps, hidden).sample
@@ -466,6 +462,18 @@ class ShapesTrainer:
              "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
              "default_steps": DEFAULT_STEPS, "default_guidance_scale": DEFAULT_GUIDANCE_SCALE},
         )
+
+
+def noised_batch(x0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For clean latents `x0` (B, 4, H, W): random timesteps, the noised latents, their
+    v-prediction targets and alpha-bar per sample (B, 1, 1, 1); draws timesteps, then noise."""
+    timesteps = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+    return timesteps, noisy, target, a
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
