@@ -1,6 +1,6 @@
-"""`blockserve train-shapes` and `blockserve eval-shapes`: argument handling, errors that name
-the flag, and one real train -> eval round trip at toy size (seconds, not the hour the real
-recipe takes)."""
+"""`blockserve train-shapes`, `train-lora-shapes` and `eval-shapes`: argument handling, errors
+that name the flag, one real train -> eval round trip at toy size (seconds, not the hour the
+real recipe takes), and the LoRA training's seeding at toy size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from recipes.shapes import training
+from blocks.lora import read_lora_file
+from recipes.shapes import lora_training, training
 from service.cli import main
 from tests.unit.test_shapes_model import CHECKPOINT, one_torch_thread  # noqa: F401 (autouse)
 
@@ -115,3 +116,19 @@ def test_bad_arguments_exit_2_naming_the_flag(args, fragment, tmp_path, capsys) 
     assert exit_info.value.code == 2
     assert fill(fragment) in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_train_lora_shapes_is_seeded_and_writes_diffusers_keys(tmp_path: Path, monkeypatch) -> None:
+    # `blockserve train-lora-shapes` twice with one seed, at toy size (the real run: minutes).
+    monkeypatch.setattr(lora_training, "RingLoraConfig", functools.partial(
+        lora_training.RingLoraConfig, batch_size=4, pool_size=8, warmup_steps=1, rank=2))
+    files = []
+    for run in ("a", "b"):
+        assert main(["train-lora-shapes", str(tmp_path / run), "--base", str(CHECKPOINT),
+                     "--steps", "2", "--seed", "3"]) == 0
+        files.append(tmp_path / run / "pytorch_lora_weights.safetensors")
+    assert files[0].read_bytes() == files[1].read_bytes()
+    keys = read_lora_file(str(files[0])).tensors
+    assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder"}
+    assert all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys)
+    assert any(key.startswith("unet.") and ".attn2.to_k." in key for key in keys)
