@@ -13,6 +13,14 @@ components (the request's scheduler) in front and, with the weight pool, holds t
 modules resident while a block uses them. Every model call runs under the batch-invariant CPU
 kernels (`blocks.batch_invariance`), as in embedded mode: the same bytes in both modes.
 `task` makes a call a `DenoiseTask` for the replica's step scheduler (the denoise block).
+
+LoRA adapters: a model whose entry lists `loras` (the models file's allowed adapters, plain
+data) gets a `LoraCache` here when this role holds a model adapters apply to (text encoders,
+UNet or transformer): a call's adapters (`BlockCall.adapters` for a whole block,
+`TaskOptions.adapters` for a denoise task) are loaded on first use — only this role's part of
+the file, its tensors from the weight pool when there is one — pinned while the call or task
+runs, and at most `max_loaded_loras` stay loaded. A whole block runs under the call's adapters;
+a task's apply to its rows in the step scheduler's shared forwards.
 """
 
 from __future__ import annotations
@@ -30,12 +38,14 @@ from blocks.composites import SequentialPipelineBlocks
 from blocks.dtypes import DTYPES
 from blocks.families import HeavyRole, get_family
 from blocks.latent_rgb import LatentRGB, fit_latent_rgb
+from blocks.lora import adapters_for_call
+from blocks.lora.keys import COMPONENT_PREFIXES
 from blocks.stepping import ComponentsView
+from deployments.lora_cache import AdapterEntry, LoraCache, PipelineLoraLoader
 from deployments.remote_block import BlockCall, BlockResult, ReceivedCall, run_call
-from deployments.step_scheduler import DenoiseTask, TaskListener, TaskOptions
+from deployments.step_scheduler import DenoiseTask, StepReport, TaskListener, TaskOptions
 
 logger = logging.getLogger(__name__)
-
 
 
 class BlockHost:
@@ -49,6 +59,7 @@ class BlockHost:
         self.pool = pool
         self.pipelines: dict[str, ModularPipeline] = {}
         self.devices: dict[str, str] = {}
+        self.loras: dict[str, LoraCache] = {}  # models with adapters for this role's models
         for model, config in models.items():
             # The whole family's pipeline, so every spec (and so every model's config, e.g.
             # the VAE's scale factor in a Denoiser) is known; only this role's weights load.
@@ -75,9 +86,27 @@ class BlockHost:
                                    config.get("device", "cpu"))
                 pipe.update_components(**{name: module})
             pipe.set_progress_bar_config(disable=True)
+            adapted = [name for name in needed if name in COMPONENT_PREFIXES]
+            if config.get("loras") and adapted:
+                self.loras[model] = LoraCache(
+                    model, {name: AdapterEntry(**entry) for name, entry in config["loras"].items()},
+                    self._lora_loader(model, pipe, adapted), config["max_loaded_loras"])
             self.pipelines[model] = pipe
             self.devices[model] = config.get("device", "cpu")
             logger.info("%s: model %s ready (%s)", role, model, ", ".join(mine))
+
+    def _lora_loader(self, model: str, pipe: ModularPipeline,
+                     adapted: list[str]) -> PipelineLoraLoader:
+        """Loads `adapted`'s part of an adapter file into `pipe`; the file's tensors come
+        from the pool (one copy per node) when there is one."""
+        if self.pool is None:
+            return PipelineLoraLoader(pipe, adapted)
+        pool = self.pool
+        return PipelineLoraLoader(
+            pipe, adapted,
+            read=lambda name, entry: pool.adapter_file(model, name, entry.source,
+                                                       entry.weight_name),
+            forget=lambda name: pool.drop_adapter(model, name))
 
     def loaded(self) -> dict[str, list[str]]:
         """{model: [components loaded here]}."""
@@ -119,10 +148,18 @@ class BlockHost:
             return fit_latent_rgb(pipe.components["vae"])
 
     def run(self, call: BlockCall) -> BlockResult:
-        """Run `call`'s block whole, here and now."""
+        """Run `call`'s block whole, here and now (under the call's adapters, if any)."""
         components = self.components(call)
-        with batch_invariant(self.devices[call.model]):
-            return run_call(call.block_def, call.block, components, call)
+        cache = self.loras.get(call.model)
+        names = list(call.adapters or {}) if cache is not None else []
+        if names:
+            cache.acquire(names)  # type: ignore[union-attr]
+        try:
+            with adapters_for_call(call.adapters), batch_invariant(self.devices[call.model]):
+                return run_call(call.block_def, call.block, components, call)
+        finally:
+            if names:
+                cache.release(names)  # type: ignore[union-attr]
 
     def task(self, call: BlockCall, options: TaskOptions,
              listener: TaskListener) -> tuple[DenoiseTask, ReceivedCall]:
@@ -130,9 +167,45 @@ class BlockHost:
         `result(state)` is what goes back when the task finishes)."""
         components = self.components(call)
         received = ReceivedCall.of(call)
+        names = [name for name, _ in options.adapters]
+        if names:
+            cache = self.loras.get(call.model)
+            if cache is None:
+                raise ValueError(f"{self.role}: model {call.model!r} has no LoRA adapters here "
+                                 f"(asked for {', '.join(names)})")
+            # Loaded now (call this between steps) and pinned until the task ends.
+            cache.acquire(names)
+            listener = _Releasing(listener, lambda: cache.release(names))
         task = DenoiseTask(call.block_def, call.block, components, received.state, listener,
                            options, self.devices[call.model])
         return task, received
+
+
+class _Releasing:
+    """A task's listener that releases the task's adapters once it has finished or failed."""
+
+    def __init__(self, listener: TaskListener, release: Any) -> None:
+        self.listener = listener
+        self._release = release
+
+    def _done(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def step(self, report: StepReport) -> None:
+        self.listener.step(report)
+
+    def finished(self, state: Any) -> None:
+        self._done()
+        self.listener.finished(state)
+
+    def failed(self, error: BaseException) -> None:
+        self._done()
+        self.listener.failed(error)
+
+    def stopped(self) -> bool:
+        return self.listener.stopped()
 
 
 def _is_module_type(type_hint: Any) -> bool:

@@ -7,6 +7,9 @@ never the VAE — and runs the blocks the router's calls carry.
 - `TextEncoder` and `VAE`: `run(call)` runs one whole block call (the router's engine has
   already merged the requests that could share it); the VAE also fits a model's preview map
   (`latent_rgb`), since the router holds no VAE.
+- LoRA adapters a request names load in the TextEncoder and Denoiser replicas on first use
+  (`BlockHost`: each replica's own LRU of `max_loaded_loras`, the files' tensors shared
+  through the weight pool).
 - `Denoiser`: `stream(call, options)` hands the denoise block to the replica's step scheduler
   (`deployments.step_scheduler`), which steps every router's requests together, one model
   forward per step for up to `cap` images, joining and leaving between steps; the call is a
@@ -150,7 +153,10 @@ class Denoiser(_RoleDeployment):
     async def stream(self, call: BlockCall, options: TaskOptions
                      ) -> AsyncIterator[StepReport | BlockResult]:
         listener = _Stream()
-        task, listener.received = self.host.task(call, options, listener)
+        # On the scheduler's thread, between steps: a first use of a LoRA adapter loads it
+        # into the models that thread runs forwards on.
+        task, listener.received = await asyncio.wrap_future(
+            self.scheduler.call_soon(lambda: self.host.task(call, options, listener)))
         self.scheduler.submit(task)
         try:
             while True:

@@ -11,7 +11,9 @@ arguments in its object store), weight-free components the block expects (e.g. t
 scheduler: it is small, and it is the router's choice), and generators as their *states*:
 `torch.Generator` can't be pickled, so each is rebuilt remotely from `get_state()` and its
 advanced state is sent back and set on the local generator — the next block draws the same
-numbers it would have drawn in one process, which keeps images identical.
+numbers it would have drawn in one process, which keeps images identical. The LoRA adapters
+the caller's block runs under (`blocks.lora.adapters_for_call`, how the engine runs a merged
+text encoding) travel too (`BlockCall.adapters`): the replica loads and applies them.
 
 Failures: a block call is a pure function of what it sends (generator states included), so a
 call whose replica died or became unreachable is sent once more — Serve routes it to a live
@@ -43,6 +45,7 @@ from blocks.block import ModularPipelineBlocks
 from blocks.composites import CompositeBlocks
 from blocks.errors import InvalidInput, Unavailable
 from blocks.families import DENOISER, TEXT_ENCODER, VAE, HeavyRole
+from blocks.lora.selection import current_call_adapters
 from blocks.specs import ComponentSpec, ConfigSpec, InputParam, OutputParam
 from blocks.state import PipelineState
 from deployments.step_scheduler import TaskStopped
@@ -140,6 +143,9 @@ class BlockCall:
     inputs: list[tuple[str, Any, str | None]]  # (name, encoded value, kwargs type)
     components: dict[str, Any] = field(default_factory=dict)  # weight-free, e.g. scheduler
     block_def: ModularPipelineBlocks | None = None
+    # The LoRA adapters (name -> scale) the block runs under; None: the caller chose none
+    # (a denoise task's adapters are in its `TaskOptions`).
+    adapters: dict[str, float] | None = None
 
     def input_values(self) -> dict[str, Any]:
         return {name: value for name, value, _ in self.inputs}
@@ -169,7 +175,7 @@ def pack_call(
         value = state.get(param.name)
         if value is not None:
             inputs.append((param.name, _encode(value, generators), param.kwargs_type))
-    return BlockCall(model, name, inputs, components, block), generators
+    return BlockCall(model, name, inputs, components, block, current_call_adapters()), generators
 
 
 @dataclass

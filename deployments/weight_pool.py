@@ -21,6 +21,13 @@ unused, or when its `memory_budget_bytes` needs the room (the smallest set of id
 components, `blocks.eviction.plan_eviction`); the next use acquires it again — a
 pool hit, never a disk read.
 
+Adapters: a LoRA file a model allows (its models file's `loras`) is a pool entry too
+(`AdapterKey`, the file's tensors packed as an `AdapterTensors` module): a TextEncoder or
+Denoiser replica that needs it takes a `blocks.lora.LoraFile` whose tensors are views of the
+node's copy (`PooledWeights.adapter_file`), so the replicas of a node share one copy. It stays
+held until the replica's LoRA cache unloads it (`drop_adapter`); idle offload and the memory
+budget leave adapters alone (their layers keep the tensors).
+
 Failures: a replica's death loses nothing of the pool (the registry owns the bytes); its
 residency expires after three missed heartbeats. The registry restarts itself
 (`max_restarts=-1`; calls in flight are retried): its bookkeeping comes back from the
@@ -48,6 +55,7 @@ import blocks.batch_invariance  # noqa: F401  before any load: models keep its r
 from blocks import ModularPipeline
 from blocks.dtypes import DTYPES
 from blocks.eviction import EvictionCandidate, plan_eviction
+from blocks.lora import LoraFile, read_lora_file
 from deployments.weight_arena import (
     PackedModule,
     assign_tensors,
@@ -75,6 +83,49 @@ class ComponentKey:
     def label(self) -> str:
         return f"{Path(self.path).name}/{self.component}:{self.dtype}"
 
+    def digest(self) -> str | None:
+        return folder_digest(Path(self.path) / self.component)
+
+    def load(self) -> tuple[Any, Any]:
+        """The one-shot load task's (packed, arena) references."""
+        return _load_component.remote(self.path, self.component, self.dtype)
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """A LoRA adapter file: its source (file, folder or Hub id) and file name in a folder."""
+
+    source: str
+    weight_name: str | None = None
+    component = "lora"
+
+    @property
+    def label(self) -> str:
+        return f"lora:{self.source}" + (f"/{self.weight_name}" if self.weight_name else "")
+
+    def digest(self) -> str | None:
+        return None  # one entry per source: models naming the same file share it
+
+    def load(self) -> tuple[Any, Any]:
+        return _load_adapter.remote(self.source, self.weight_name)
+
+
+class AdapterTensors(torch.nn.Module):
+    """A LoRA file in the pool's form: its tensors as buffers (so it packs like any
+    component), its key names and diffusers' metadata on the skeleton."""
+
+    def __init__(self, file: LoraFile) -> None:
+        super().__init__()
+        self.names = list(file.tensors)
+        self.metadata = file.metadata
+        self.source = file.source
+        for index, tensor in enumerate(file.tensors.values()):
+            self.register_buffer(f"t{index}", tensor)
+
+    def file(self) -> LoraFile:
+        tensors = {name: getattr(self, f"t{index}") for index, name in enumerate(self.names)}
+        return LoraFile(tensors, self.metadata, self.source)
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -91,7 +142,7 @@ class _Entry:
     entry_id: str
     packed: PackedModule
     arena_ref: Any
-    keys: set[ComponentKey]
+    keys: set[ComponentKey | AdapterKey]
     users: set[tuple[str, str]] = field(default_factory=set)  # (model, component)
 
 
@@ -112,6 +163,13 @@ def _load_component(path: str, component: str, dtype: str) -> tuple[PackedModule
     return pack_module(pipe.components[component])
 
 
+@ray.remote(num_cpus=0, max_calls=1, num_returns=2)
+def _load_adapter(source: str, weight_name: str | None) -> tuple[PackedModule, Any]:
+    """Read one LoRA file and pack its tensors as they are (each replica's layers cast them
+    to their model's dtype, as in embedded mode)."""
+    return pack_module(AdapterTensors(read_lora_file(source, weight_name)))
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ComponentRegistry:
     """The pool's index: entries, who holds them where, and hit/miss/load counts."""
@@ -119,36 +177,39 @@ class ComponentRegistry:
     def __init__(self, heartbeat_s: float = 2.0) -> None:
         self.heartbeat_s = heartbeat_s
         self._entries: dict[str, _Entry] = {}
-        self._keys: dict[ComponentKey, str] = {}
+        self._keys: dict[ComponentKey | AdapterKey, str] = {}
         self._replicas: dict[str, _Replica] = {}
         self._departed_offloads = 0
         self._load_lock = asyncio.Lock()
         self.hits = self.misses = self.loads = 0
         self.started = time.time()
 
-    async def acquire(self, key: ComponentKey, model: str = "") -> Lease:
+    async def acquire(self, key: ComponentKey | AdapterKey, model: str = "",
+                      user: str | None = None) -> Lease:
+        """`key`'s entry, loaded first if needed; `model` uses it as `user` (default: the
+        key's component)."""
         entry = self._entries.get(self._keys.get(key, ""))
         if entry is None:
             async with self._load_lock:  # one load at a time: a twin never loads twice
                 entry = await self._find_or_load(key)
         else:
             self.hits += 1
-        entry.users.add((model, key.component))
+        entry.users.add((model, user or key.component))
         return Lease(entry.entry_id, entry.packed, [entry.arena_ref])
 
-    async def _find_or_load(self, key: ComponentKey) -> _Entry:
+    async def _find_or_load(self, key: ComponentKey | AdapterKey) -> _Entry:
         entry = self._entries.get(self._keys.get(key, ""))
         if entry is not None:  # loaded while we waited for the lock
             self.hits += 1
             return entry
-        digest = await asyncio.to_thread(folder_digest, Path(key.path) / key.component)
-        entry_id = f"{digest[:16]}:{key.dtype}" if digest else key.label
+        digest = await asyncio.to_thread(key.digest)
+        entry_id = f"{digest[:16]}:{key.dtype}" if digest else key.label  # type: ignore[union-attr]
         entry = self._entries.get(entry_id)
         if entry is not None:  # byte-identical to a pooled component: share it
             self.hits += 1
         else:
             self.misses += 1
-            packed_ref, arena_ref = _load_component.remote(key.path, key.component, key.dtype)
+            packed_ref, arena_ref = key.load()
             entry = _Entry(entry_id, await packed_ref, arena_ref, set())
             self._entries[entry_id] = entry
             self.loads += 1
@@ -267,6 +328,7 @@ class PooledWeights:
         self.node = ray.get_runtime_context().get_node_id()
         self.offloads = 0
         self._components: dict[tuple[str, str], _Pooled] = {}
+        self._adapters: dict[tuple[str, str], tuple[str, int]] = {}  # (model, name) -> entry
         self._lock = threading.RLock()
         self._tick = 0
         self._stop = threading.Event()
@@ -303,6 +365,27 @@ class PooledWeights:
         arena = ray.get(lease.arena[0])  # on this node: a read-only view of the store's pages
         assign_tensors(pooled.module, pooled.packed.slots, arena, pooled.device)
         pooled.entry_id, pooled.packed, pooled.resident = lease.entry_id, lease.packed, True
+
+    def adapter_file(self, model: str, name: str, source: str,
+                     weight_name: str | None = None) -> LoraFile:
+        """`model`'s adapter `name` (its file `source`, `weight_name`) with its tensors
+        viewing the node's pooled copy (read into the pool first if it isn't there). Held
+        until `drop_adapter`: the adapter's layers keep the tensors, so it is never offloaded."""
+        key = AdapterKey(str(source), weight_name)
+        lease: Lease = ray.get(self.registry.acquire.remote(key, model, f"lora/{name}"))
+        bundle = lease.packed.build()
+        assign_tensors(bundle, lease.packed.slots, ray.get(lease.arena[0]), "cpu")
+        with self._lock:
+            self._adapters[(model, name)] = (lease.entry_id, lease.packed.arena_bytes)
+        self.report()
+        return bundle.file()  # type: ignore[operator]
+
+    def drop_adapter(self, model: str, name: str) -> None:
+        """`model`'s adapter `name` was unloaded: this replica no longer holds its tensors."""
+        with self._lock:
+            dropped = self._adapters.pop((model, name), None)
+        if dropped is not None:
+            self.report()
 
     # Use -------------------------------------------------------------------------------------
 
@@ -396,16 +479,22 @@ class PooledWeights:
                 if pooled.resident:
                     held.setdefault(pooled.entry_id, {})[str(pooled.device)] = (
                         pooled.packed.arena_bytes)
+            for entry_id, size in self._adapters.values():
+                held.setdefault(entry_id, {})["cpu"] = size
             return held
 
     def describe(self) -> dict[str, Any]:
         """{model/component: {entry, resident, bytes, idle_s}} for `info()`."""
         now = time.monotonic()
         with self._lock:
-            return {f"{m}/{c}": {"entry": p.entry_id, "resident": p.resident,
-                                 "bytes": p.packed.arena_bytes, "in_use": p.in_use,
-                                 "idle_s": round(now - p.last_used, 3)}
-                    for (m, c), p in self._components.items()}
+            described = {f"{m}/{c}": {"entry": p.entry_id, "resident": p.resident,
+                                      "bytes": p.packed.arena_bytes, "in_use": p.in_use,
+                                      "idle_s": round(now - p.last_used, 3)}
+                         for (m, c), p in self._components.items()}
+            described.update({f"{m}/lora/{n}": {"entry": entry_id, "resident": True,
+                                                "bytes": size}
+                              for (m, n), (entry_id, size) in self._adapters.items()})
+            return described
 
     def report(self) -> None:
         """Tell the registry what this replica holds (also every heartbeat)."""

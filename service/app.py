@@ -67,7 +67,8 @@ def create_app(
     metrics = ServiceMetrics(manager)
     registry = ModelRegistry(models, manager, on_components_loaded=metrics.components_loaded,
                              blocks_transform=placement.transform_blocks,
-                             lora_observer=metrics.lora_event)
+                             lora_observer=metrics.lora_event,
+                             lora_loader=placement.lora_loader)
     for collector in placement.metric_collectors():
         metrics.registry.register(collector)
     if engine is None:

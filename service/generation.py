@@ -22,13 +22,13 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from blocks import GenerationCancelled, InvalidInput, Unavailable
+from deployments.lora_cache import LoraLoadError
 from service.context import ServiceContext
 from service.engine import EngineBusy, QueueFull
 from service.errors import APIError
 from service.image_io import b64, encode_image, media_type
 from service.job_store import JobRecord
 from service.jobs import GenerationJob, GenerationResult, GenerationTimedOut
-from service.lora_cache import LoraLoadError
 from service.openai_options import end_user, prompt_tokens, quality_label, usage
 from service.registry import ModelNotReady
 from service.schemas import ImageRequestFields

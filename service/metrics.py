@@ -199,7 +199,7 @@ class ServiceMetrics:
             self._components.storage_loads += count
 
     def lora_event(self, event: str, model: str, lora: str) -> None:
-        """`service.lora_cache`'s observer: event is request, load or evict."""
+        """`deployments.lora_cache`'s observer: event is request, load or evict."""
         self.lora_events[event].labels(model, lora).inc()
 
     def observe_request(self, model: str, workflow: str, status: int, seconds: float) -> None:

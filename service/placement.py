@@ -27,6 +27,7 @@ import torch
 
 from blocks import ModularPipelineBlocks, PipelineState
 from blocks.latent_rgb import LatentRGB
+from deployments.lora_cache import LoraLoader, PipelineLoraLoader
 from deployments.step_scheduler import DenoiseTask, StepScheduler, TaskListener, TaskOptions
 from service.latent_rgb import factors_for
 from service.settings import Settings
@@ -89,6 +90,9 @@ class Placement(Protocol):
 
     def describe(self, model: str) -> dict[str, Any] | None:
         """Which deployment runs each heavy block of `model`, and its replicas."""
+
+    def lora_loader(self, pipeline: Any) -> LoraLoader:
+        """Where a model's LoRA adapters load, given its (router-side) pipeline."""
 
     def metric_collectors(self) -> list[Any]:
         """Prometheus collectors this placement adds to the app's /metrics."""
@@ -156,6 +160,9 @@ class EmbeddedPlacement:
 
     def describe(self, model: str) -> dict[str, Any] | None:
         return None
+
+    def lora_loader(self, pipeline: Any) -> LoraLoader:
+        return PipelineLoraLoader(pipeline)
 
     def metric_collectors(self) -> list[Any]:
         return []

@@ -38,12 +38,13 @@ from blocks.families import DENOISER, TEXT_ENCODER
 from blocks.families import VAE as VAE_ROLE
 from blocks.latent_rgb import LatentRGB
 from deployments.app_config import ServeAppConfig
+from deployments.lora_cache import RemoteLoraLoader
 from deployments.remote_block import (
     ROLE_DEPLOYMENTS,
     RemoteBlock,
     remote_pipeline_blocks,
 )
-from service.models_file import ModelsFile, ModelsFileError, load_models_file
+from service.models_file import ModelsFile, load_models_file
 from service.placement import DenoiseRequest, LocalRunner
 from service.registry import ensure_checkpoint
 from service.settings import Settings
@@ -179,6 +180,10 @@ class RayPlacement:
         described["weights"] = model_weights(model, registry_stats())
         return described
 
+    def lora_loader(self, pipeline: Any) -> RemoteLoraLoader:
+        """Adapters load in the replicas that run the text encoder and denoiser."""
+        return RemoteLoraLoader()
+
     def metric_collectors(self) -> list[Any]:
         """Extra Prometheus collectors of this placement: the weight pool's series."""
         return [WeightPoolCollector()]
@@ -288,14 +293,11 @@ def heavy_models(models: ModelsFile) -> dict[str, dict[str, Any]]:
     # A model whose family declares no heavy blocks runs wholly in the router.
     heavy = {name: config for name, config in models.models.items()
              if config.family_info.heavy_blocks}
-    for name, config in heavy.items():
-        if config.loras:
-            # The adapters would have to load where the denoiser and text encoder run, and a
-            # request's adapters travel with its remote calls: not built yet.
-            raise ModelsFileError(f"models.{name}.loras: LoRA adapters are served in "
-                                  "embedded mode only (not with --ray yet)")
+    # The allowed LoRA adapters too: the TextEncoder and Denoiser replicas load them.
     return {name: {"path": ensure_checkpoint(config), "family": config.family,
-                   "dtype": config.dtype, "device": config.device}
+                   "dtype": config.dtype, "device": config.device,
+                   "loras": {lora: entry.model_dump() for lora, entry in config.loras.items()},
+                   "max_loaded_loras": config.max_loaded_loras}
             for name, config in heavy.items()}
 
 

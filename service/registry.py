@@ -45,9 +45,9 @@ from blocks.step_cache import (
     hooks_for,
     step_cache_config,
 )
+from deployments.lora_cache import LoraCache, LoraLoader, LoraObserver, PipelineLoraLoader
 from service.block_tree import block_tree
 from service.latent_rgb import factors_for
-from service.lora_cache import LoraCache, LoraObserver, PipelineLoraLoader
 from service.models_file import ModelConfig, ModelsFile
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class ModelRegistry:
         on_components_loaded: Callable[[str, int], None] | None = None,
         blocks_transform: BlocksTransform | None = None,
         lora_observer: LoraObserver | None = None,
+        lora_loader: Callable[[Any], LoraLoader] = PipelineLoraLoader,
     ) -> None:
         self.models = models
         # Ray mode: swaps heavy blocks for remote ones before the pipeline is made.
@@ -178,6 +179,9 @@ class ModelRegistry:
         self.manager = manager if manager is not None else ComponentsManager()
         self._on_components_loaded = on_components_loaded
         self._lora_observer = lora_observer
+        # Where a model's adapters load: its pipeline here (embedded), or nowhere here (Ray
+        # mode: the replicas running the text encoder and denoiser load them).
+        self._lora_loader = lora_loader
         self._lock = threading.Lock()
         self._states: dict[str, str] = dict.fromkeys(models.models, PENDING)
         self._errors: dict[str, str] = {}
@@ -299,7 +303,7 @@ class ModelRegistry:
             hooks_for(denoiser).check(step_cache, denoiser, f"models.{config.name}.step_cache")
         loras = None
         if config.loras:
-            loras = LoraCache(config.name, config.loras, PipelineLoraLoader(base),
+            loras = LoraCache(config.name, config.loras, self._lora_loader(base),
                               config.max_loaded_loras, self._lora_observer)
         return LoadedModel(
             config=config,

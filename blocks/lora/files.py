@@ -38,13 +38,16 @@ class LoraFile:
 
 
 def read_lora_file(
-    source: str | os.PathLike | dict[str, torch.Tensor],
+    source: str | os.PathLike | dict[str, torch.Tensor] | LoraFile,
     weight_name: str | None = None,
     **hub_kwargs: Any,
 ) -> LoraFile:
     """Read `source`: a state dict, a `.safetensors` (or `.bin`/`.pt`) file, a folder (its
     `weight_name`, else `pytorch_lora_weights.safetensors`, else its only safetensors file) or
-    a Hub repo id (its `weight_name`, default `pytorch_lora_weights.safetensors`)."""
+    a Hub repo id (its `weight_name`, default `pytorch_lora_weights.safetensors`). A
+    `LoraFile` already read (e.g. from a weight pool) is returned as it is."""
+    if isinstance(source, LoraFile):
+        return source
     if isinstance(source, dict):
         return LoraFile(dict(source), None, "<state dict>")
     path = _local_file(Path(source).expanduser(), weight_name)

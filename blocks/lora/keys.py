@@ -131,9 +131,11 @@ def _old_diffusers_path(path: str) -> str:
     return path
 
 
-def parse_lora(file: LoraFile, components: Mapping[str, nn.Module],
+def parse_lora(file: LoraFile, components: Mapping[str, nn.Module], only_these: bool = False,
                ) -> dict[str, dict[str, ModuleLora]]:
-    """`file`'s weights per component of `components` (name -> model) and module path."""
+    """`file`'s weights per component of `components` (name -> model) and module path.
+    `only_these`: skip the weights of other components instead of refusing them (a process
+    that holds some of a pipeline's models, e.g. a text-encoder replica, loads their part)."""
     refused = sorted({marker for key in file.tensors for marker in _REFUSED if marker in key})
     if refused:
         raise LoraFileError(
@@ -149,6 +151,8 @@ def parse_lora(file: LoraFile, components: Mapping[str, nn.Module],
             continue
         name, part = split
         component, module, kohya = _component_of(name, components)
+        if only_these and component not in components:
+            continue
         entry = entries.setdefault((component, module, kohya), _Entry())
         if part == "alpha":
             entry.alpha = float(tensor.item())

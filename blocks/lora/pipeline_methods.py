@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from blocks.lora.files import read_lora_file
+from blocks.lora.files import LoraFile, read_lora_file
 from blocks.lora.keys import COMPONENT_PREFIXES, parse_lora
 from blocks.lora.layers import ModelLoras, model_loras
 
@@ -35,9 +35,10 @@ AdapterWeight = float | Mapping[str, float]
 class _LoraComponents(Mapping):
     """The pipeline's components a LoRA may adapt, loaded on first access."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, only: Sequence[str] | None = None) -> None:
         self._pipeline = pipeline
-        self._names = [name for name in COMPONENT_PREFIXES if name in pipeline.component_specs]
+        self._names = [name for name in COMPONENT_PREFIXES if name in pipeline.component_specs
+                       and (only is None or name in only)]
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._names:
@@ -66,17 +67,20 @@ class LoraPipelineMixin:
 
     def load_lora_weights(
         self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor]
+        | LoraFile,
         adapter_name: str | None = None,
         weight_name: str | None = None,
+        components: Sequence[str] | None = None,
         **hub_kwargs: Any,
     ) -> None:
         """Load a LoRA (diffusers/peft or kohya keys) into the denoiser and text encoders it
         has weights for, as `adapter_name` (default `default_<n>`), and make it the active
-        adapter of those models."""
+        adapter of those models. `components` (not in diffusers): only into these, the
+        file's other weights skipped (a process holding some of the pipeline's models)."""
         file = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub_kwargs)
-        components = _LoraComponents(self)
-        per_component = parse_lora(file, components)
+        adaptable = _LoraComponents(self, components)
+        per_component = parse_lora(file, adaptable, only_these=components is not None)
         loaded = self.get_list_adapters()
         if adapter_name is None:
             adapter_name = f"default_{len({n for names in loaded.values() for n in names})}"
@@ -84,7 +88,7 @@ class LoraPipelineMixin:
             raise ValueError(f"load_lora_weights: adapter name {adapter_name!r} is already in "
                              "use; pick another or delete_adapters() it first")
         for component, modules in per_component.items():
-            loras = model_loras(components[component], component, create=True)
+            loras = model_loras(adaptable[component], component, create=True)
             loras.add(adapter_name, modules)  # type: ignore[union-attr]
             loras.active = {adapter_name: 1.0}  # type: ignore[union-attr]
 

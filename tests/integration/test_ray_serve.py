@@ -23,6 +23,9 @@ httpx = pytest.importorskip("httpx")
 
 from blocks import ModularPipeline  # noqa: E402
 from blocks.families import get_family  # noqa: E402
+from blocks.lora import write_lora_file  # noqa: E402
+from blocks.lora.tiny_lora import random_lora  # noqa: E402
+from blocks.stable_diffusion.tiny_model import write_tiny_sd  # noqa: E402
 from deployments.remote_block import remote_pipeline_blocks  # noqa: E402
 from tests.integration.conftest import local_serve_app  # noqa: E402
 from tests.integration.step_batching import (  # noqa: E402
@@ -42,6 +45,7 @@ models:
     defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
     sizes: [32x32, 64x64]
     limits: {{max_steps: 50, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
+    loras: {{ink: {{source: {lora}, scale: 0.8}}}}
   tiny-sdxl:
     family: sdxl
     path: {sdxl_path}
@@ -66,8 +70,13 @@ ROLES = ("TextEncoder", "Denoiser", "VAE")
 def ray_app(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("ray")
     models_file = folder / "models.yaml"
+    # The tiny model written here (not at start), to draw an adapter for its UNet and CLIP.
+    tiny = ModularPipeline.from_pretrained(str(write_tiny_sd(folder / "tiny-sd")))
+    tiny.load_components(dtype=torch.float32)
+    lora = write_lora_file(folder / "ink.safetensors", *random_lora(
+        {"unet": tiny.unet, "text_encoder": tiny.text_encoder}, rank=2, seed=1))
     models_file.write_text(MODELS_YAML.format(path=folder / "tiny-sd",
-                                              sdxl_path=folder / "tiny-sdxl")
+                                              sdxl_path=folder / "tiny-sdxl", lora=lora)
                            + SHAPES_YAML.format(path=SHAPES))
     with local_serve_app({"models_file": str(models_file)}) as base_url:
         handles = {role: serve.get_deployment_handle(role, app_name="blockserve")
@@ -182,6 +191,30 @@ def test_sdxl_gives_the_embedded_apps_pngs(ray_app, embedded) -> None:
         # One engine and the batch-invariant CPU kernels in both: the same PNG bytes.
         assert [item["b64_json"] for item in got.json()["data"]] == [
             item["b64_json"] for item in expected.json()["data"]], route
+
+
+def test_a_requests_lora_adapter_gives_the_embedded_bytes(ray_app, embedded) -> None:
+    # The adapter loads in the TextEncoder and Denoiser replicas (its tensors from the pool)
+    # and applies there: the same PNG as embedded mode, not the one without it.
+    body = {"prompt": "a red fox", "seed": 5, "model": MODEL}
+    adapted = {**body, "loras": [{"name": "ink", "scale": 0.8}]}
+    got = httpx.post(f"{ray_app['url']}/v1/images/generations", json=adapted, timeout=120)
+    assert got.status_code == 200, got.text
+    expected = embedded.post("/v1/images/generations", json=adapted)
+    assert expected.status_code == 200, expected.text
+    plain = httpx.post(f"{ray_app['url']}/v1/images/generations", json=body, timeout=120)
+    assert got.json()["data"][0]["b64_json"] == expected.json()["data"][0]["b64_json"] \
+        != plain.json()["data"][0]["b64_json"]
+    unknown = httpx.post(f"{ray_app['url']}/v1/images/generations",
+                         json={**body, "loras": [{"name": "pixel"}]}, timeout=30)
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["message"] == \
+        f"lora 'pixel' is not available for model '{MODEL}'; available: ink"
+    detail = httpx.get(f"{ray_app['url']}/v1/models/{MODEL}", timeout=30).json()
+    assert [(lora["name"], lora["scale"]) for lora in detail["loras"]] == [("ink", 0.8)]
+    # One pool entry for the file, held by both replicas that loaded it.
+    pooled = detail["placement"]["weights"]["components"]["lora/ink"]
+    assert len(pooled["resident"]) == 2, pooled
 
 
 def test_mixed_steps_guidance_joins_and_a_cancellation_change_no_image(ray_app) -> None:

@@ -15,9 +15,9 @@ from blocks import ModularPipeline
 from blocks.lora import write_lora_file
 from blocks.lora.tiny_lora import random_lora
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
+from deployments.lora_cache import LoraCache, LoraLoadError, PipelineLoraLoader
 from service.app import create_app
 from service.errors import APIError
-from service.lora_cache import LoraCache, LoraLoadError, PipelineLoraLoader
 from service.models_file import ModelsFileError, parse_models
 from service.ray_placement import heavy_models
 from service.schemas import ImageGenerationRequest
@@ -51,9 +51,11 @@ def test_models_file_resolves_lora_sources_and_names_what_is_wrong(tmp_path):
         parse_models(_models(tmp_path, {"bad name": {"source": "a/b"}}), tmp_path)
     with pytest.raises(ModelsFileError, match="scale"):
         parse_models(_models(tmp_path, {"x": {"source": "a/b", "scale": 11}}), tmp_path)
-    with pytest.raises(ModelsFileError, match=r"models\.m\.loras: LoRA adapters are served in "
-                       "embedded mode only"):
-        heavy_models(models)  # Ray mode, for now
+    # Ray mode: the replicas get the allowed adapters as plain data (no paths from requests).
+    heavy = heavy_models(models)["m"]
+    assert heavy["loras"]["hub"] == {"source": "someone/some-lora",
+                                     "weight_name": "a.safetensors", "scale": 1.0}
+    assert heavy["max_loaded_loras"] == 2
     with pytest.raises(ModelsFileError, match="family 'demo' takes no LoRA adapters"):
         parse_models({"models": {"d": {"family": "demo", "loras": {"x": {"source": "a/b"}}}}},
                      tmp_path)

@@ -17,6 +17,8 @@ import torch
 from blocks import InvalidInput, ModularPipeline
 from blocks.batch_invariance import batch_invariant
 from blocks.families import DENOISER, HEAVY_ROLES, TEXT_ENCODER, VAE, get_family
+from blocks.lora import adapters_for_call, write_lora_file
+from blocks.lora.tiny_lora import random_lora
 from blocks.stable_diffusion.tiny_model import write_tiny_sd
 from deployments.block_host import BlockHost
 from deployments.remote_block import (
@@ -272,6 +274,83 @@ def test_cancelling_a_stream_stops_its_request_at_the_next_step(setup):
         assert scheduler.active == 0  # the scheduler dropped it
     finally:
         scheduler.stop()
+
+
+class _ElsewhereMethod:
+    """`handle.run` on another thread (as on a replica: none of the caller's context)."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, call):
+        method = _Method(self._fn)
+        outcome: list = []
+        thread = threading.Thread(target=lambda: outcome.append(method.remote(call).result()))
+
+        class Done:
+            def result(self, timeout_s=None):
+                thread.start()
+                thread.join(60)
+                return outcome[0]
+
+        return Done()
+
+
+def test_replicas_load_their_part_of_a_requests_adapters_and_apply_them(setup, tmp_path):
+    _, _, _, path = setup
+    local = ModularPipeline.from_pretrained(path)
+    local.load_components(dtype=torch.float32)
+    local.set_progress_bar_config(disable=True)
+    file = write_lora_file(tmp_path / "ink.safetensors", *random_lora(
+        {"unet": local.unet, "text_encoder": local.text_encoder}, rank=2, seed=5))
+    local.load_lora_weights(str(file), adapter_name="ink")
+    entry = {"source": str(file), "weight_name": None, "scale": 1.0}
+    models = {MODEL: {"path": path, "family": "sd", "dtype": "float32", "device": "cpu",
+                      "loras": {"ink": entry, "other": entry}, "max_loaded_loras": 1}}
+    hosts = {role: BlockHost(role, models) for role in HEAVY_ROLES}
+    handles = {ROLE_DEPLOYMENTS[role]: FakeHandle(host) for role, host in hosts.items()}
+    for handle in handles.values():
+        handle.run = _ElsewhereMethod(handle.host.run)
+    remote = remote_pipeline_blocks(local.blocks, MODEL, handles,
+                                    get_family("sd").heavy_blocks).init_pipeline(path)
+    remote.set_progress_bar_config(disable=True)
+
+    def image(pipe, adapters):
+        with adapters_for_call(adapters):
+            return np.asarray(pipe(generator=torch.Generator().manual_seed(3), **COMMON))
+
+    expected = image(local, {"ink": 0.8})
+    got = image(remote, {"ink": 0.8})
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(image(remote, {}) - got).max() > 1e-3  # the adapter changed the image
+    # Each replica loaded only its own models' part of the file; the VAE none.
+    assert hosts[TEXT_ENCODER].pipelines[MODEL].get_list_adapters() == {"text_encoder": ["ink"]}
+    assert hosts[DENOISER].pipelines[MODEL].get_list_adapters() == {"unet": ["ink"]}
+    assert MODEL not in hosts[VAE].loras
+
+    # A denoise task's adapters (its TaskOptions) load on first use, apply to its rows, and
+    # are released when it ends; the LRU keeps max_loaded_loras (1): "other" replaces "ink".
+    scheduler = StepScheduler(workers=1, batch_window_s=0.0)
+    scheduler.start()
+    try:
+        denoise, _ = _encoded(remote, 3, 2)
+        block = RemoteBlock(denoise.block, "denoise", MODEL,
+                            FakeHandle(hosts[DENOISER], scheduler))
+        streamed = {}
+        for name in ("other", ""):
+            options = TaskOptions(pool="tiny", adapters=((name, 0.8),) if name else ())
+            streamed[name] = _stream_all(block, remote, _encoded(remote, 3, 2)[1], options, [])
+        encoded = _encoded(remote, 3, 2)[1]  # the text encoder without adapters, as above
+        with adapters_for_call({"other": 0.8}):
+            whole = RemoteBlock(denoise.block, "denoise", MODEL,
+                                handles[ROLE_DEPLOYMENTS[DENOISER]])
+            _, whole_state = whole(remote, encoded)
+    finally:
+        scheduler.stop()
+    assert torch.equal(streamed["other"].get("latents"), whole_state.get("latents"))
+    assert not torch.equal(streamed["other"].get("latents"), streamed[""].get("latents"))
+    cache = hosts[DENOISER].loras[MODEL]
+    assert cache.loaded == ["other"] and not cache._pins
 
 
 class _Failing:

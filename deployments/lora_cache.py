@@ -9,9 +9,11 @@ needs room the least recently used adapter that no request is using is unloaded.
 loaded adapter is in use the cache holds more for a while (a request is never refused or made
 to wait for room) and shrinks back as they are released.
 
-Loading itself is a `LoraLoader`: `PipelineLoraLoader` loads the file into the model's own
-pipeline (embedded mode; Ray mode refuses `loras` at start for now). Events (`load`, `evict`,
-`request`) go to an observer for metrics.
+Loading itself is a `LoraLoader`: `PipelineLoraLoader` loads the file into a pipeline in this
+process — the model's own pipeline in embedded mode; in Ray mode each TextEncoder and Denoiser
+replica keeps a cache of its own (`deployments.block_host`, the file's tensors from the weight
+pool), and the router's cache (`RemoteLoraLoader`) loads nothing: it pins and counts.
+Events (`load`, `evict`, `request`) go to an observer for metrics.
 
 Not handled here: validating request fields (`service.validation`), applying adapters to a
 call (`blocks.lora.selection`).
@@ -24,9 +26,8 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
-
-from service.models_file import LoraEntry
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,23 @@ class LoraLoadError(RuntimeError):
     """An allowed adapter could not be loaded (a server-side problem: its file)."""
 
 
+class LoraEntry(Protocol):
+    """An allowed adapter (the models file's `loras` entry, `service.models_file.LoraEntry`)."""
+
+    source: str
+    weight_name: str | None
+    scale: float
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """A `LoraEntry` as plain data (what a Ray replica is given)."""
+
+    source: str
+    weight_name: str | None = None
+    scale: float = 1.0
+
+
 class LoraLoader(Protocol):
     def load(self, name: str, entry: LoraEntry) -> None: ...
 
@@ -44,17 +62,42 @@ class LoraLoader(Protocol):
 
 
 class PipelineLoraLoader:
-    """Loads adapters into a model's pipeline in this process."""
+    """Loads adapters into a model's pipeline in this process. `components`: only into these
+    (a replica holding some of the pipeline's models); `read(name, entry)`: the file's
+    `blocks.lora.LoraFile` (default: read from `entry.source`), `forget(name)` after unloading."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, components: Sequence[str] | None = None,
+                 read: Callable[[str, LoraEntry], Any] | None = None,
+                 forget: Callable[[str], None] | None = None) -> None:
         self.pipeline = pipeline
+        self.components = components
+        self.read = read
+        self.forget = forget
 
     def load(self, name: str, entry: LoraEntry) -> None:
-        self.pipeline.load_lora_weights(entry.source, adapter_name=name,
-                                        weight_name=entry.weight_name)
+        source = entry.source if self.read is None else self.read(name, entry)
+        self.pipeline.load_lora_weights(source, adapter_name=name,
+                                        weight_name=entry.weight_name,
+                                        components=self.components)
 
     def unload(self, name: str) -> None:
         self.pipeline.delete_adapters(name)
+        if self.forget is not None:
+            self.forget(name)
+
+
+class RemoteLoraLoader:
+    """Ray mode's router: the adapters load where the blocks run (each TextEncoder and
+    Denoiser replica, on first use); the router's cache only pins and counts requests (its
+    `loaded` are the adapters its requests used last; it reports no loads or evictions)."""
+
+    loads_here = False
+
+    def load(self, name: str, entry: LoraEntry) -> None:
+        return None
+
+    def unload(self, name: str) -> None:
+        return None
 
 
 class LoraCache:
@@ -137,7 +180,7 @@ class LoraCache:
                                 "the server log") from error
         self._loaded[name] = None
         logger.info("model %s: lora %s loaded (%d loaded)", self.model, name, len(self._loaded))
-        if self.observer is not None:
+        if self.observer is not None and getattr(self.loader, "loads_here", True):
             self.observer("load", self.model, name)
 
     def _shrink_locked(self, room_for: int = 0) -> None:
@@ -150,5 +193,5 @@ class LoraCache:
             self.loader.unload(name)
             del self._loaded[name]
             logger.info("model %s: lora %s unloaded (least recently used)", self.model, name)
-            if self.observer is not None:
+            if self.observer is not None and getattr(self.loader, "loads_here", True):
                 self.observer("evict", self.model, name)
