@@ -19,8 +19,9 @@ data) gets a `LoraCache` here when this role holds a model adapters apply to (te
 UNet or transformer): a call's adapters (`BlockCall.adapters` for a whole block,
 `TaskOptions.adapters` for a denoise task) are loaded on first use — only this role's part of
 the file, its tensors from the weight pool when there is one — pinned while the call or task
-runs, and at most `max_loaded_loras` stay loaded. A whole block runs under the call's adapters;
-a task's apply to its rows in the step scheduler's shared forwards.
+runs, and at most `max_loaded_loras` stay loaded. A whole block runs under the call's
+adapters (none if it names none); a task's apply to its rows in the step scheduler's shared
+forwards.
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ class BlockHost:
         if names:
             cache.acquire(names)  # type: ignore[union-attr]
         try:
-            with adapters_for_call(call.adapters), batch_invariant(self.devices[call.model]):
+            # No adapters unless the call names them (a loaded adapter is its models' active
+            # set, which must not reach a call that named none).
+            with adapters_for_call(call.adapters or {}), \
+                    batch_invariant(self.devices[call.model]):
                 return run_call(call.block_def, call.block, components, call)
         finally:
             if names:
