@@ -31,7 +31,6 @@ httpx = pytest.importorskip("httpx")
 from tests.integration.conftest import free_port  # noqa: E402
 from tests.integration.health_watch import HealthWatch  # noqa: E402
 from tests.integration.hostile_kit import BIG, counted, png, png_claiming, scrape  # noqa: E402
-from tests.integration.test_ray_serve import MODELS_YAML  # noqa: E402
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 READ_TIMEOUT_S = 3
@@ -50,6 +49,20 @@ class RayCli:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
+
+
+# One small model: these tests are about the command (its ports, readiness and hostile
+# clients), not about what the models draw, which test_ray_serve covers.
+MODELS_YAML = """
+models:
+  tiny-sd:
+    family: sd
+    path: {path}
+    create_tiny: sd
+    defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
+    sizes: [32x32, 64x64]
+    limits: {{max_steps: 50, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
+"""
 
 
 @pytest.fixture(scope="module")
