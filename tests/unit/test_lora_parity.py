@@ -3,8 +3,9 @@
 Both sides load the same random-weight LoRA files (`blocks.lora.tiny_lora`, written to disk so
 diffusers' header metadata is read too) into the same tiny checkpoints; images must agree to
 1e-4. Formats: diffusers/peft keys with `lora_alpha` in the header, kohya keys with `.alpha`
-(Stable Diffusion: every Linear and Conv2d of the UNet and text encoder; FLUX.2 [klein]: BFL
-module names, fused `qkv` included). Also: adapter weights per component, disable/enable,
+(Stable Diffusion: every Linear and Conv2d of the UNet and text encoder; SDXL: the same over
+both text encoders, `lora_te1_`/`lora_te2_`; FLUX.2 [klein]: BFL module names, fused `qkv`
+included). Also: adapter weights per component, disable/enable,
 fuse/unfuse (weights restored bit for bit), unload, and the errors a bad file gets.
 """
 
@@ -221,3 +222,68 @@ def test_flux2_fuse_unfuse_round_trip(flux_pair):
     for pipe in (reference, ours):
         pipe.unfuse_lora()
     assert np.array_equal(_image(ours, FLUX_CALL), unfused)
+
+
+# -- Stable Diffusion XL ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory: pytest.TempPathFactory):
+    """(diffusers, ours, base image) with `pixel` (peft keys on the UNet and both text
+    encoders) and `ink` (kohya keys, `lora_te1_`/`lora_te2_` for the two text encoders) loaded
+    into both."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from blocks.stable_diffusion_xl.tiny_model import write_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl_lora")
+    checkpoint = write_tiny_sdxl(root / "ckpt")
+    reference = StableDiffusionXLPipeline.from_pretrained(checkpoint)
+    reference.set_progress_bar_config(disable=True)
+    ours = _ours(checkpoint)
+    base = _image(ours, SD_CALL)
+    models = {"unet": reference.unet, "text_encoder": reference.text_encoder,
+              "text_encoder_2": reference.text_encoder_2}
+    pixel = write_lora_file(root / "pixel" / "pytorch_lora_weights.safetensors",
+                            *random_lora(models, rank=4, alpha=8, seed=1))
+    # Every Linear and Conv2d but the UNet's `add_embedding`: diffusers' kohya converter reads
+    # `lora_unet_add_embedding_linear_1` as `add.embedding.linear` and refuses the file (ours
+    # applies it; kohya's own SDXL files name that module `label_emb`, in SGM's naming).
+    ink_tensors, _ = random_lora(models, rank=4, alpha=2, seed=2, layout="kohya",
+                                 targets=lambda path, module: "add_embedding" not in path,
+                                 std=0.05)
+    # SDXL's A1111 files: `lora_te1_` and `lora_te2_`, CLIP's modules named from `text_model.`
+    # (the second encoder's paths start there already).
+    ink_tensors = {key.replace("lora_te_", "lora_te1_text_model_"): value
+                   for key, value in ink_tensors.items()}
+    ink = write_lora_file(root / "ink.safetensors", ink_tensors)
+    for pipe in (reference, ours):
+        pipe.load_lora_weights(pixel.parent, adapter_name="pixel")
+        pipe.load_lora_weights(ink, adapter_name="ink")
+    return reference, ours, base
+
+
+@pytest.mark.parametrize(("names", "weights"), [
+    ("pixel", None),
+    ("ink", None),
+    (["pixel", "ink"], [0.7, {"unet": 0.4, "text_encoder": 0.9, "text_encoder_2": 0.5}]),
+])
+def test_sdxl_adapters_match_diffusers(sdxl_pair, names, weights):
+    _assert_adapters_match(sdxl_pair, names, weights, SD_CALL, min_change=0.05)
+
+
+def test_sdxl_fuse_unfuse_round_trip(sdxl_pair):
+    reference, ours, _ = sdxl_pair
+    for pipe in (reference, ours):
+        pipe.set_adapters(["pixel", "ink"], [0.7, 0.6])
+    unfused = _image(ours, SD_CALL)
+    weights = {name: tensor.clone() for name, tensor in ours.unet.state_dict().items()}
+    for pipe in (reference, ours):
+        pipe.fuse_lora()
+    fused = _image(ours, SD_CALL)
+    assert np.abs(fused - _image(reference, SD_CALL)).max() <= IMAGES_TOL
+    assert np.abs(fused - unfused).max() <= IMAGES_TOL
+    for pipe in (reference, ours):
+        pipe.unfuse_lora()
+    assert all(torch.equal(tensor, weights[name])
+               for name, tensor in ours.unet.state_dict().items())
