@@ -182,6 +182,7 @@ class ComponentRegistry:
         self._departed_offloads = 0
         self._load_lock = asyncio.Lock()
         self.hits = self.misses = self.loads = 0
+        self.loading = 0  # loads in flight: a miss counts before its load finishes
         self.started = time.time()
 
     async def acquire(self, key: ComponentKey | AdapterKey, model: str = "",
@@ -209,8 +210,12 @@ class ComponentRegistry:
             self.hits += 1
         else:
             self.misses += 1
-            packed_ref, arena_ref = key.load()
-            entry = _Entry(entry_id, await packed_ref, arena_ref, set())
+            self.loading += 1
+            try:
+                packed_ref, arena_ref = key.load()
+                entry = _Entry(entry_id, await packed_ref, arena_ref, set())
+            finally:
+                self.loading -= 1
             self._entries[entry_id] = entry
             self.loads += 1
             logger.info("pool: loaded %s as %s (%d bytes)", key.label, entry_id,
@@ -266,6 +271,7 @@ class ComponentRegistry:
                                    "offloads": state.offloads}
                          for replica, state in sorted(self._replicas.items())},
             "hits": self.hits, "misses": self.misses, "loads": self.loads,
+            "loading": self.loading,
             "offloads": self._departed_offloads + sum(r.offloads
                                                       for r in self._replicas.values()),
             "started": self.started,
