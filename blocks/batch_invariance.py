@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["batch_invariant"]
+__all__ = ["batch_invariant", "is_active"]
 
 
 class _ThreadState(threading.local):
@@ -269,3 +269,7 @@ def batch_invariant(device: torch.device | str = "cpu") -> Iterator[None]:
     finally:
         _thread.rerouting = previous
 
+
+def is_active() -> bool:
+    """Whether this thread is inside `batch_invariant()` for the CPU now."""
+    return _thread.rerouting

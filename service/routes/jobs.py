@@ -137,7 +137,7 @@ async def cancel_job(
     return _status(ctx, record)
 
 
-def _last_event_id(header: str | None) -> int:
+def parse_last_event_id(header: str | None) -> int:
     """The `Last-Event-ID` a reconnecting client sends: one of our event ids (1, 2, ...)."""
     if header is None or not header.strip():
         return 0
@@ -169,7 +169,7 @@ async def job_events(
     job_id: str, request: Request, ctx: ServiceContext = Depends(service_context)  # noqa: B008
 ) -> Any:
     record = _record(ctx, job_id)
-    after = _last_event_id(request.headers.get("last-event-id"))
+    after = parse_last_event_id(request.headers.get("last-event-id"))
 
     async def events() -> AsyncIterator[bytes]:
         history, queue = record.subscribe(asyncio.get_running_loop())

@@ -35,7 +35,7 @@ from service.jobs import GenerationJob
 from service.metrics import ServiceMetrics
 from service.middleware import ServiceMiddleware
 from service.registry import remove_stale_staging
-from service.routes.jobs import _last_event_id
+from service.routes.jobs import parse_last_event_id
 from service.routes.request_bodies import parse_json
 from service.settings import Settings, SettingsError
 from tests.unit.test_service_app import DEMO, GENERATE, make_app, wait_ready
@@ -67,11 +67,11 @@ def test_json_parsing_failures_are_400s():
     assert parse_json(b'{"n": 12}') == {"n": 12}
 
 
-def test_last_event_id_must_be_one_of_our_event_ids():
-    assert _last_event_id(None) == 0
-    assert _last_event_id(" 7 ") == 7
+def testparse_last_event_id_must_be_one_of_our_event_ids():
+    assert parse_last_event_id(None) == 0
+    assert parse_last_event_id(" 7 ") == 7
     for bad in ("²", "9" * 5000, "-1", "1e3", "٣"):
-        error = error_of(_last_event_id, bad)
+        error = error_of(parse_last_event_id, bad)
         assert (error.status, error.param) == (400, "Last-Event-ID")
         assert "Last-Event-ID" in error.message
 
