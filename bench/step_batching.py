@@ -160,22 +160,29 @@ async def run_load(server: Server, model: str, size: int, guidance: float,
     return run
 
 
-def unloaded(server: Server, model: str, size: int, guidance: float, repeats: int = 3
-             ) -> dict[int, float]:
-    """Median latency of a lone request per class."""
-    result = {}
-    with httpx.Client(base_url=server.base_url, timeout=600) as client:
-        for steps in CLASSES:
-            times = []
-            for index in range(repeats + 1):
-                start = time.perf_counter()
-                response = client.post("/v1/images/generations",
-                                       json=body(model, size, guidance, steps, 7 + index))
-                response.raise_for_status()
-                if index:  # the first one warms up
-                    times.append(time.perf_counter() - start)
-            result[steps] = statistics.median(times)
-    return result
+def unloaded(servers: dict[str, Server], model: str, size: int, guidance: float,
+             repeats: int = 7) -> dict[str, dict[int, float]]:
+    """Median latency of a lone request per mode and class: `repeats` lone requests to each
+    server in turn (after one warm-up each), so a slow moment hits both modes alike."""
+    times: dict[str, dict[int, list[float]]] = {m: {c: [] for c in CLASSES} for m in servers}
+    clients = {mode: httpx.Client(base_url=server.base_url, timeout=600)
+               for mode, server in servers.items()}
+    try:
+        for index in range(repeats + 1):
+            for steps in CLASSES:
+                for mode in (list(clients) if index % 2 else list(reversed(clients))):
+                    start = time.perf_counter()
+                    response = clients[mode].post(
+                        "/v1/images/generations",
+                        json=body(model, size, guidance, steps, 7 + index))
+                    response.raise_for_status()
+                    if index:  # the first round warms up
+                        times[mode][steps].append(time.perf_counter() - start)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {mode: {c: statistics.median(v) for c, v in by_class.items()}
+            for mode, by_class in times.items()}
 
 
 def print_model(name: str, size: int, base: dict[str, dict[int, float]],
@@ -361,8 +368,7 @@ def main() -> None:
               f"{args.workers} worker(s) x {args.threads} torch thread(s)")
         for key in args.models:
             model, size, guidance, default_rates = MODELS[key]
-            base = {mode: unloaded(server, model, size, guidance)
-                    for mode, server in by_mode.items()}
+            base = unloaded(by_mode, model, size, guidance)
             results: dict[float, dict[str, Run]] = {}
             turn = 0
             for rate in args.rates or default_rates:
