@@ -21,7 +21,9 @@ UNet or transformer): a call's adapters (`BlockCall.adapters` for a whole block,
 the file, its tensors from the weight pool when there is one — pinned while the call or task
 runs, and at most `max_loaded_loras` stay loaded. A whole block runs under the call's
 adapters (none if it names none); a task's apply to its rows in the step scheduler's shared
-forwards.
+forwards. With the pool, the caches' loads and evictions are counted by the pool's client
+(`PooledWeights.lora_events`), whose heartbeat brings them to the router's `/metrics`; without
+it they are only logged.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class BlockHost:
             if config.get("loras") and adapted:
                 self.loras[model] = LoraCache(
                     model, {name: AdapterEntry(**entry) for name, entry in config["loras"].items()},
-                    self._lora_loader(model, pipe, adapted), config["max_loaded_loras"])
+                    self._lora_loader(model, pipe, adapted), config["max_loaded_loras"],
+                    observer=pool.lora_events if pool is not None else None)
             self.pipelines[model] = pipe
             self.devices[model] = config.get("device", "cpu")
             logger.info("%s: model %s ready (%s)", role, model, ", ".join(mine))

@@ -12,8 +12,10 @@ to wait for room) and shrinks back as they are released.
 Loading itself is a `LoraLoader`: `PipelineLoraLoader` loads the file into a pipeline in this
 process — the model's own pipeline in embedded mode; in Ray mode each TextEncoder and Denoiser
 replica keeps a cache of its own (`deployments.block_host`, the file's tensors from the weight
-pool), and the router's cache (`RemoteLoraLoader`) loads nothing: it pins and counts.
-Events (`load`, `evict`, `request`) go to an observer for metrics.
+pool), and the router's cache (`RemoteLoraLoader`) loads nothing: it pins and counts requests.
+Events (`load`, `evict`, `request`) go to an observer for metrics (in Ray mode the replicas'
+loads and evictions reach the router's metrics through the weight pool's registry,
+`deployments.lora_events`).
 
 Not handled here: validating request fields (`service.validation`), applying adapters to a
 call (`blocks.lora.selection`).
@@ -89,7 +91,8 @@ class PipelineLoraLoader:
 class RemoteLoraLoader:
     """Ray mode's router: the adapters load where the blocks run (each TextEncoder and
     Denoiser replica, on first use); the router's cache only pins and counts requests (its
-    `loaded` are the adapters its requests used last; it reports no loads or evictions)."""
+    `loaded` are the adapters its requests used last; the loads and evictions are the
+    replicas', counted there: `deployments.lora_events`)."""
 
     loads_here = False
 

@@ -26,7 +26,9 @@ Adapters: a LoRA file a model allows (its models file's `loras`) is a pool entry
 Denoiser replica that needs it takes a `blocks.lora.LoraFile` whose tensors are views of the
 node's copy (`PooledWeights.adapter_file`), so the replicas of a node share one copy. It stays
 held until the replica's LoRA cache unloads it (`drop_adapter`); idle offload and the memory
-budget leave adapters alone (their layers keep the tensors).
+budget leave adapters alone (their layers keep the tensors). The replica's adapter loads and
+evictions ride its heartbeat too (`deployments.lora_events`): the registry sums them for the
+router's `/metrics`.
 
 Failures: a replica's death loses nothing of the pool (the registry owns the bytes); its
 residency expires after three missed heartbeats. The registry restarts itself
@@ -56,6 +58,7 @@ from blocks import ModularPipeline
 from blocks.dtypes import DTYPES
 from blocks.eviction import EvictionCandidate, plan_eviction
 from blocks.lora import LoraFile, read_lora_file
+from deployments.lora_events import LoraEventCounts, LoraEventRow, LoraEventTotals
 from deployments.weight_arena import (
     PackedModule,
     assign_tensors,
@@ -180,6 +183,7 @@ class ComponentRegistry:
         self._keys: dict[ComponentKey | AdapterKey, str] = {}
         self._replicas: dict[str, _Replica] = {}
         self._departed_offloads = 0
+        self._lora_events = LoraEventTotals()
         self._load_lock = asyncio.Lock()
         self.hits = self.misses = self.loads = 0
         self.loading = 0  # loads in flight: a miss counts before its load finishes
@@ -225,9 +229,17 @@ class ComponentRegistry:
         return entry
 
     def report(self, replica: str, node: str, resident: dict[str, dict[str, int]],
-               offloads: int) -> None:
-        """A replica's heartbeat: what it holds now, and its offloads so far."""
+               offloads: int, lora_events: list[LoraEventRow] | None = None) -> None:
+        """A replica's heartbeat: what it holds now, its offloads and adapter loads and
+        evictions so far."""
         self._replicas[replica] = _Replica(node, time.monotonic(), resident, offloads)
+        if lora_events is not None:
+            self._lora_events.report(replica, lora_events)
+
+    def lora_events(self) -> list[LoraEventRow]:
+        """(event, model, lora, count): adapter loads and evictions of every replica since
+        the registry started (`deployments.lora_events`)."""
+        return self._lora_events.rows()
 
     def forget(self, replica: str) -> None:
         """A replica shutting down cleanly."""
@@ -289,9 +301,18 @@ def get_registry(heartbeat_s: float = 2.0) -> Any:
 
 def registry_stats(timeout_s: float = 2.0) -> dict[str, Any] | None:
     """The registry's `stats()`, or None when there is none (yet) or it doesn't answer."""
+    return _ask_registry("stats", timeout_s)
+
+
+def registry_lora_events(timeout_s: float = 2.0) -> list[LoraEventRow] | None:
+    """The registry's `lora_events()`, or None when there is none (yet) or it doesn't answer."""
+    return _ask_registry("lora_events", timeout_s)
+
+
+def _ask_registry(method: str, timeout_s: float) -> Any:
     try:
         registry = ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
-        return ray.get(registry.stats.remote(), timeout=timeout_s)
+        return ray.get(getattr(registry, method).remote(), timeout=timeout_s)
     except Exception:
         return None
 
@@ -333,6 +354,8 @@ class PooledWeights:
         self.heartbeat_s = heartbeat_s
         self.node = ray.get_runtime_context().get_node_id()
         self.offloads = 0
+        # The observer of this replica's LoRA caches; a load or eviction is reported at once.
+        self.lora_events = LoraEventCounts(on_change=self.report)
         self._components: dict[tuple[str, str], _Pooled] = {}
         self._adapters: dict[tuple[str, str], tuple[str, int]] = {}  # (model, name) -> entry
         self._lock = threading.RLock()
@@ -506,7 +529,7 @@ class PooledWeights:
         """Tell the registry what this replica holds (also every heartbeat)."""
         try:
             self.registry.report.remote(self.replica, self.node, self.residency(),
-                                        self.offloads)
+                                        self.offloads, self.lora_events.rows())
         except Exception:  # the registry restarting: the next heartbeat reports again
             logger.debug("pool: report failed", exc_info=True)
 

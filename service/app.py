@@ -70,7 +70,7 @@ def create_app(
                              lora_observer=metrics.lora_event,
                              lora_loader=placement.lora_loader)
     for collector in placement.metric_collectors():
-        metrics.registry.register(collector)
+        metrics.add_collector(collector)
     if engine is None:
         step_hook = None
         if settings.test_hooks:

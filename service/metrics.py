@@ -30,14 +30,19 @@
     blockserve_result_cache_bytes                         pixels the result cache holds
     blockserve_lora_requests_total{model,lora}            requests (jobs) using each adapter
     blockserve_lora_loads_total{model,lora}               adapters loaded (first use, or again
-                                                          after an eviction)
+                                                          after an eviction); in Ray mode per
+                                                          replica (two replicas loading one
+                                                          adapter: two loads)
     blockserve_lora_evictions_total{model,lora}           adapters unloaded to make room
 
 Labels only ever carry configured model, workflow and adapter names, never request text, so
 their number stays bounded. The component series are read from the ComponentsManager when
 scraped, not pushed. The step series are recorded from the steps each job hears about, in Ray
 mode too (the Denoiser replica streams them to the router): the forward sizes and durations of
-a step come with one job's report, so each forward is counted once.
+a step come with one job's report, so each forward is counted once. A placement may add
+collectors (`add_collector`); one that exports a series of the app's own takes it over: in Ray
+mode the LoRA loads and evictions happen in the replicas and are read from the weight pool's
+registry when scraped (`service.ray_placement.ReplicaLoraCollector`), under the same names.
 """
 
 from __future__ import annotations
@@ -57,6 +62,16 @@ _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 # A method label outside these is "other": clients choose methods, labels must stay bounded.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# `deployments.lora_cache`'s events: {event: (series name without _total, help)}; the Ray
+# placement's collector exports its load and eviction series under these names too.
+LORA_SERIES = {
+    "request": ("blockserve_lora_requests", "Jobs using each LoRA adapter."),
+    "load": ("blockserve_lora_loads", "LoRA adapters loaded (on first use or after an "
+             "eviction); in Ray mode counted per replica: two replicas loading one adapter "
+             "are two loads."),
+    "evict": ("blockserve_lora_evictions", "LoRA adapters unloaded to make room for another "
+              "(in Ray mode, per replica)."),
+}
 
 
 class _ComponentsCollector(Collector):
@@ -180,27 +195,34 @@ class ServiceMetrics:
                                         "Bytes of pixels held by the result cache.",
                                         registry=self.registry)
         self.lora_events = {
-            event: Counter(f"blockserve_lora_{name}_total", help_text, ["model", "lora"],
-                           registry=self.registry)
-            for event, name, help_text in (
-                ("request", "requests", "Jobs using each LoRA adapter."),
-                ("load", "loads", "LoRA adapters loaded (on first use or after an eviction)."),
-                ("evict", "evictions", "LoRA adapters unloaded to make room for another."),
-            )
+            event: Counter(name, help_text, ["model", "lora"], registry=self.registry)
+            for event, (name, help_text) in LORA_SERIES.items()
         }
         self._components = _ComponentsCollector(manager)
         self.registry.register(self._components)
 
-    # Hooks ----------------------------------------------------------------------------------
+    def add_collector(self, collector: Collector) -> None:
+        """Export `collector`'s series too. The LoRA series it describes (`describe()`) are
+        its own from now on: the app's counters of those names are dropped, so that no series
+        is exported twice."""
+        described = {metric.name for metric in getattr(collector, "describe", list)()}
+        for event, (name, _) in LORA_SERIES.items():
+            if name in described and event in self.lora_events:
+                self.registry.unregister(self.lora_events.pop(event))
+        self.registry.register(collector)
 
+    # Hooks ----------------------------------------------------------------------------------
 
     def components_loaded(self, _model: str, count: int) -> None:
         with self._components._lock:
             self._components.storage_loads += count
 
     def lora_event(self, event: str, model: str, lora: str) -> None:
-        """`deployments.lora_cache`'s observer: event is request, load or evict."""
-        self.lora_events[event].labels(model, lora).inc()
+        """`deployments.lora_cache`'s observer: event is request, load or evict (not
+        counted here when a placement's collector exports it: `add_collector`)."""
+        counter = self.lora_events.get(event)
+        if counter is not None:
+            counter.labels(model, lora).inc()
 
     def observe_request(self, model: str, workflow: str, status: int, seconds: float) -> None:
         self.requests.labels(model, workflow, str(status)).inc()

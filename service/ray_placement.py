@@ -39,11 +39,13 @@ from blocks.families import VAE as VAE_ROLE
 from blocks.latent_rgb import LatentRGB
 from deployments.app_config import ServeAppConfig
 from deployments.lora_cache import RemoteLoraLoader
+from deployments.lora_events import LoraEventRow
 from deployments.remote_block import (
     ROLE_DEPLOYMENTS,
     RemoteBlock,
     remote_pipeline_blocks,
 )
+from service.metrics import LORA_SERIES
 from service.models_file import ModelsFile, load_models_file
 from service.placement import DenoiseRequest, LocalRunner
 from service.registry import ensure_checkpoint
@@ -185,8 +187,9 @@ class RayPlacement:
         return RemoteLoraLoader()
 
     def metric_collectors(self) -> list[Any]:
-        """Extra Prometheus collectors of this placement: the weight pool's series."""
-        return [WeightPoolCollector()]
+        """Extra Prometheus collectors of this placement: the weight pool's series, and the
+        replicas' LoRA adapter loads and evictions."""
+        return [WeightPoolCollector(), ReplicaLoraCollector()]
 
 
 def _probe(handle: Any) -> str:
@@ -266,11 +269,56 @@ class WeightPoolCollector:
         yield resident
 
 
+class ReplicaLoraCollector:
+    """The LoRA adapter loads and evictions of the TextEncoder and Denoiser replicas, read
+    from the weight pool's registry at scrape time (`deployments.lora_events`), under embedded
+    mode's names and labels (`service.metrics.LORA_SERIES`; the app's own counters of those
+    names give way to these, `ServiceMetrics.add_collector`):
+
+        blockserve_lora_loads_total{model,lora}       loads, per replica: two replicas loading
+                                                      an adapter are two loads
+        blockserve_lora_evictions_total{model,lora}   adapters a replica unloaded for room
+
+    Each replica's counts are kept after it goes, so they only go down if the registry
+    restarts (Prometheus' rate() handles that). Without the pool (`weight_pool.enabled:
+    false`) there is no registry and so no series. `events` returns the registry's rows
+    (None: no registry); tests give a fake.
+    """
+
+    def __init__(self, events: Callable[[], list[LoraEventRow] | None] | None = None
+                 ) -> None:
+        self._events = events or (lambda: registry_lora_events(timeout_s=1.0))
+
+    def describe(self) -> Any:
+        return self._families().values()
+
+    def collect(self) -> Any:
+        families = self._families()
+        for event, model, lora, count in self._events() or []:
+            if event in families:
+                families[event].add_metric([model, lora], count)
+        return families.values()
+
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        return {event: CounterMetricFamily(*LORA_SERIES[event], labels=["model", "lora"])
+                for event in ("load", "evict")}
+
+
 def registry_stats(timeout_s: float = 2.0) -> dict[str, Any] | None:
     """`deployments.weight_pool.registry_stats`, imported late: that module needs Ray."""
     from deployments.weight_pool import registry_stats as stats
 
     return stats(timeout_s)
+
+
+def registry_lora_events(timeout_s: float = 2.0) -> list[LoraEventRow] | None:
+    """`deployments.weight_pool.registry_lora_events`, imported late: that module needs Ray."""
+    from deployments.weight_pool import registry_lora_events as events
+
+    return events(timeout_s)
 
 
 def deployment_replicas() -> dict[str, int]:

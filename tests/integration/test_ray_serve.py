@@ -215,6 +215,14 @@ def test_a_requests_lora_adapter_gives_the_embedded_bytes(ray_app, embedded) -> 
     # One pool entry for the file, held by both replicas that loaded it.
     pooled = detail["placement"]["weights"]["components"]["lora/ink"]
     assert len(pooled["resident"]) == 2, pooled
+    # /metrics counts a load per replica that loaded it (reported with the pool's heartbeat).
+    loads = f'blockserve_lora_loads_total{{lora="ink",model="{MODEL}"}} 2.0'
+    deadline = time.monotonic() + 10
+    while loads not in (metrics := httpx.get(f"{ray_app['url']}/metrics", timeout=30).text):
+        assert time.monotonic() < deadline, [line for line in metrics.splitlines()
+                                             if "blockserve_lora" in line]
+        time.sleep(0.5)
+    assert metrics.count("# TYPE blockserve_lora_loads_total counter") == 1
 
 
 def test_mixed_steps_guidance_joins_and_a_cancellation_change_no_image(ray_app) -> None:

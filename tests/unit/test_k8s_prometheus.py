@@ -105,13 +105,15 @@ POOL_STATS = {  # what the Ray-mode weight pool's registry reports (deployments/
 
 @pytest.fixture(scope="module")
 def exported_in_ray_mode() -> set[str]:
-    """The weight pool's series, as the Ray-mode router exports them."""
+    """The weight pool's series and the replicas' LoRA loads, as the Ray-mode router exports
+    them."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from service.ray_placement import WeightPoolCollector
+    from service.ray_placement import ReplicaLoraCollector, WeightPoolCollector
 
     registry = CollectorRegistry()
     registry.register(WeightPoolCollector(lambda: POOL_STATS))
+    registry.register(ReplicaLoraCollector(lambda: [("load", "m", "a", 2)]))
     text = generate_latest(registry).decode()
     assert 'blockserve_pool_resident_bytes{device="cpu",entry="ab12:float32",replica="r1"} ' \
            "100.0" in text
