@@ -39,7 +39,7 @@ from blocks.families import VAE as VAE_ROLE
 from blocks.latent_rgb import LatentRGB
 from deployments.app_config import ServeAppConfig
 from deployments.lora_cache import RemoteLoraLoader
-from deployments.lora_events import LoraEventRow
+from deployments.lora_events import EVENTS, LoraEventRow
 from deployments.remote_block import (
     ROLE_DEPLOYMENTS,
     RemoteBlock,
@@ -304,7 +304,7 @@ class ReplicaLoraCollector:
         from prometheus_client.core import CounterMetricFamily
 
         return {event: CounterMetricFamily(*LORA_SERIES[event], labels=["model", "lora"])
-                for event in ("load", "evict")}
+                for event in EVENTS}
 
 
 def registry_stats(timeout_s: float = 2.0) -> dict[str, Any] | None:
