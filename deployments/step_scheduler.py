@@ -78,7 +78,13 @@ class StepReport:
     `forwards` (the number of requests in each model forward of the step), `images` (the
     images stepped together) and `seconds` (the step's duration) are set on one report per
     step of the scheduler only (its first task's), so that counting them over all reports
-    counts each forward once, across routers too."""
+    counts each forward once, across routers too.
+
+    `cache_method`, `cache_full` and `cache_cached` are this task's own step caching in this
+    step (on every report of a task that caches; None, 0, 0 when it does not): its method and
+    the model passes it ran fully and those whose deep part it skipped, one per pass
+    (`blocks.step_cache.StepCache`'s counters, the step's share). Plain data: in Ray mode the
+    Denoiser replica streams them to the router like the rest."""
 
     step: int  # steps done, 1-based
     total: int
@@ -89,6 +95,9 @@ class StepReport:
     forwards: list[int] = field(default_factory=list)
     images: int = 0
     seconds: float | None = None
+    cache_method: str | None = None
+    cache_full: int = 0
+    cache_cached: int = 0
 
 
 class TaskListener(Protocol):
@@ -149,6 +158,7 @@ class DenoiseTask:
     steps_done: int = 0
     group: int | None = None  # request policy: the batch it belongs to
     last_stepped: float = 0.0
+    cache_reported: tuple[int, int] = (0, 0)  # its loop's step cache (full, cached) reported
 
 
 class StepScheduler:
@@ -426,6 +436,7 @@ class StepScheduler:
             if not reported:
                 report.forwards, report.seconds, reported = forwards, seconds, True
                 report.images = sum(t.options.images for t in live)
+            _report_cache(task, report)
             error = _tell(task, "step", report)
             if error is not None:
                 self._drop(task, error)
@@ -447,6 +458,19 @@ def _advance(task: DenoiseTask) -> None:
     task.loop = task.run.advance()
     if task.loop is not None:
         task.loop.extras = task.options.loop_extras(task.loop.total)
+        task.cache_reported = (0, 0)  # a new loop: a new step cache
+
+
+def _report_cache(task: DenoiseTask, report: StepReport) -> None:
+    """Put into `report` the task's step-cache decisions since its last report."""
+    cache = task.loop.extras.get(STEP_CACHE) if task.loop is not None else None
+    if cache is None:
+        return
+    full, cached = cache.full, cache.cached
+    report.cache_method = cache.config.method
+    report.cache_full = full - task.cache_reported[0]
+    report.cache_cached = cached - task.cache_reported[1]
+    task.cache_reported = (full, cached)
 
 
 def _tell(task: DenoiseTask, what: str, value: Any) -> Exception | None:

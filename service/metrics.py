@@ -21,6 +21,11 @@
     blockserve_denoise_steps_total{model}                 denoising steps done (per request)
     blockserve_step_seconds{model}                        duration of one denoising step of
                                                           the requests stepped together
+    blockserve_step_cache_forwards_total{model,method,kind}  step caching's decisions, one
+                                                          per request, model pass and step:
+                                                          kind full (the whole model ran) or
+                                                          cached (its deep part was skipped);
+                                                          none for requests without caching
     blockserve_cancellations_total{model,stage}           jobs cancelled (client, DELETE or
                                                           disconnect) while queued or running
     blockserve_timeouts_total{model,stage}                jobs stopped at their deadline
@@ -39,7 +44,8 @@ Labels only ever carry configured model, workflow and adapter names, never reque
 their number stays bounded. The component series are read from the ComponentsManager when
 scraped, not pushed. The step series are recorded from the steps each job hears about, in Ray
 mode too (the Denoiser replica streams them to the router): the forward sizes and durations of
-a step come with one job's report, so each forward is counted once. A placement may add
+a step come with one job's report, so each forward is counted once; a job's step-cache
+decisions come with its own reports (`StepReport.cache_*`). A placement may add
 collectors (`add_collector`); one that exports a series of the app's own takes it over: in Ray
 mode the LoRA loads and evictions happen in the replicas and are read from the weight pool's
 registry when scraped (`service.ray_placement.ReplicaLoraCollector`), under the same names.
@@ -175,6 +181,13 @@ class ServiceMetrics:
             "Duration of one denoising step of the requests stepped together.", ["model"],
             buckets=_STEP_BUCKETS, registry=self.registry,
         )
+        self.step_cache_forwards = Counter(
+            "blockserve_step_cache_forwards_total",
+            "Step caching's decisions, one per request, model pass and denoising step: kind "
+            "full (the whole model ran) or cached (the method skipped its deep part). Requests "
+            "without step caching are not counted.",
+            ["model", "method", "kind"], registry=self.registry,
+        )
         self.cancellations = Counter(
             "blockserve_cancellations_total",
             "Jobs cancelled (by the client, DELETE or a disconnect), by where they were.",
@@ -256,6 +269,9 @@ class ServiceMetrics:
             self.batch_size.labels(model).observe(report.images)
         if report.seconds is not None:
             self.step_seconds.labels(model).observe(report.seconds)
+        if report.cache_method is not None:  # the job's own decisions, on each of its reports
+            for kind, count in (("full", report.cache_full), ("cached", report.cache_cached)):
+                self.step_cache_forwards.labels(model, report.cache_method, kind).inc(count)
 
     def block_finished(self, model: str, block: str, seconds: float) -> None:
         self.block_duration.labels(model, block).observe(seconds)

@@ -153,12 +153,39 @@ def test_default_model_gives_the_embedded_bytes_at_several_seeds(ray_app, embedd
         assert got.json()["data"][0]["b64_json"] == expected.json()["data"][0]["b64_json"], seed
     # A job's step cache travels with its denoise task to the Denoiser's step scheduler.
     cached = {**body, "step_cache": "deepcache"}
+    counts_before = _step_cache_counts(ray_app, embedded)
     got_cached = httpx.post(f"{ray_app['url']}/v1/images/generations", json=cached,
                             timeout=120)
     assert got_cached.status_code == 200, got_cached.text
     expected_cached = embedded.post("/v1/images/generations", json=cached)
     assert got_cached.json()["data"][0]["b64_json"] == \
         expected_cached.json()["data"][0]["b64_json"] != got.json()["data"][0]["b64_json"]
+    # Its decisions reach the router's /metrics with the Denoiser's step reports: the same
+    # full and cached counts as the embedded app's.
+    (ray_full, ray_cached), (embedded_full, embedded_cached) = [
+        (full - full_before, cached - cached_before) for (full, cached), (
+            full_before, cached_before) in zip(_step_cache_counts(ray_app, embedded),
+                                              counts_before, strict=True)]
+    assert (ray_full, ray_cached) == (embedded_full, embedded_cached)
+    assert ray_full > 0 and ray_cached > 0
+
+
+def _step_cache_counts(ray_app, embedded) -> list[tuple[float, float]]:
+    """(full, cached) of tiny-shapes-sd's deepcache forwards in the Ray app's and the embedded
+    app's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = []
+    for text in (httpx.get(f"{ray_app['url']}/metrics", timeout=30).text,
+                 embedded.get("/metrics").text):
+        kinds = {sample.labels["kind"]: sample.value
+                 for family in text_string_to_metric_families(text)
+                 for sample in family.samples
+                 if sample.name == "blockserve_step_cache_forwards_total"
+                 and sample.labels["model"] == "tiny-shapes-sd"
+                 and sample.labels["method"] == "deepcache"}
+        counts.append((kinds.get("full", 0.0), kinds.get("cached", 0.0)))
+    return counts
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

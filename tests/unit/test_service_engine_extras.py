@@ -19,6 +19,7 @@ from blocks.step_cache import step_cache_config
 from deployments.step_scheduler import TaskOptions
 from service.engine import Engine, run_job
 from service.jobs import GenerationJob
+from service.metrics import ServiceMetrics
 from service.models_file import parse_models
 from service.placement import LocalRunner
 from service.registry import ModelRegistry
@@ -94,6 +95,40 @@ def test_jobs_with_own_adapters_and_step_caches_share_steps_and_keep_their_bytes
     assert len({image(outcome) for outcome in outcomes}) == len(outcomes)
     plain = run_job(registry, job(1))
     assert image(plain) != image(outcomes[0])
+
+
+def test_step_cache_metric_counts_each_requests_full_and_cached_steps(registry):
+    """deepcache with interval N runs a request's UNet fully every N steps (its first
+    included) and skips the deep part otherwise: ceil(steps / N) full, the rest cached. The
+    jobs share steps; a job without caching is not counted."""
+    metrics = ServiceMetrics(registry.manager)
+    engine = Engine(registry, LocalRunner(), observer=metrics)
+    jobs = [job(1, steps=5, cache={"method": "deepcache", "interval": 2}),  # 3 full, 2 cached
+            job(2, steps=4, cache={"method": "deepcache", "interval": 3}),  # 2 full, 2 cached
+            job(3, steps=6)]
+    futures = [engine.submit(j) for j in jobs]
+    engine.start()
+    try:
+        assert all(future.result(timeout=120).batch_size > 1 for future in futures)
+    finally:
+        engine.stop()
+
+    def forwards(kind: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "blockserve_step_cache_forwards_total",
+            {"model": "m", "method": "deepcache", "kind": kind})
+
+    assert (forwards("full"), forwards("cached")) == (5, 4)
+    assert metrics.registry.get_sample_value("blockserve_denoise_steps_total",
+                                             {"model": "m"}) == 5 + 4 + 6
+    uncached = ServiceMetrics(registry.manager)
+    run_engine = Engine(registry, LocalRunner(), observer=uncached)
+    run_engine.start()
+    try:
+        run_engine.submit(job(4)).result(timeout=120)
+    finally:
+        run_engine.stop()
+    assert "blockserve_step_cache_forwards_total{" not in uncached.render().decode()
 
 
 def test_task_options_carry_adapters_and_step_cache_to_a_replica():
