@@ -98,7 +98,8 @@ class EngineObserver(Protocol):
 
     def denoise_step(self, model: str, report: StepReport) -> None:
         """A job finished a denoising step (`report.forwards`, `.images` and `.seconds` are
-        set for one job per step of the scheduler: see `StepReport`)."""
+        set for one job per step of the scheduler; `.cache_*` on each report of a job that
+        caches, its own decisions: see `StepReport`)."""
 
     def block_finished(self, model: str, block: str, seconds: float) -> None: ...
 
