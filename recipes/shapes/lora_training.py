@@ -54,7 +54,7 @@ class RingLoraConfig:
 
     seed: int = 0
     threads: int = 1  # the result depends on it (float reductions)
-    steps: int = 600
+    steps: int = 1600
     batch_size: int = 16
     ring_share: float = 0.5  # of each batch; the rest are the base dataset's shapes
     rank: int = 8
