@@ -16,10 +16,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.unit.k8s_manifests import DASHBOARD, K8S, ROOT, SHARED, load_kustomization, one
+from tests.unit.k8s_manifests import (
+    DASHBOARD,
+    K8S,
+    KUBERAY_CRD,
+    ROOT,
+    load_kustomization,
+    needs_kuberay_crd,
+    one,
+)
 
 KUBERNETES_VERSION = "1.32.0"  # one kubernetes-validate ships schemas for; KubeRay supports it
-KUBERAY_CRD = SHARED / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
 BUILT_IN_GROUPS = ("v1", "apps/v1", "networking.k8s.io/v1", "batch/v1", "policy/v1")
 # The one difference allowed between the two serve configs: GPU shares per deployment, which
 # deployments/serve_config.yaml keeps at 0 so it runs on a CPU-only machine.
@@ -63,13 +70,6 @@ def test_ray_pod_templates_are_valid_pod_specs(group):
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"blockserve-{group}"},
            "spec": template["spec"]}
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
-
-
-# A clone with nothing beside it must pass `make test`; CI has ../shared, so these run there
-# (or point BLOCKSERVE_SHARED_DIR at a copy).
-needs_kuberay_crd = pytest.mark.skipif(
-    not KUBERAY_CRD.exists(), reason=f"KubeRay's CRD schema {KUBERAY_CRD} is missing: no "
-    "../shared beside this clone (set BLOCKSERVE_SHARED_DIR to check against it)")
 
 
 def _kuberay_schema() -> dict[str, Any]:
