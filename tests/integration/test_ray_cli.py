@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("ray", reason="ray[serve] is not installed (pip install '.[ray]')")
 httpx = pytest.importorskip("httpx")
 
-from tests.integration.conftest import free_port  # noqa: E402
+from tests.integration.conftest import TINY_SD_YAML, free_port  # noqa: E402
 from tests.integration.health_watch import HealthWatch  # noqa: E402
 from tests.integration.hostile_kit import BIG, counted, png, png_claiming, scrape  # noqa: E402
 
@@ -51,25 +51,14 @@ class RayCli:
         return self.log_path.read_text(errors="replace")[-5000:]
 
 
-# One small model: these tests are about the command (its ports, readiness and hostile
-# clients), not about what the models draw, which test_ray_serve covers.
-MODELS_YAML = """
-models:
-  tiny-sd:
-    family: sd
-    path: {path}
-    create_tiny: sd
-    defaults: {{steps: 2, guidance_scale: 5.0, size: 32x32}}
-    sizes: [32x32, 64x64]
-    limits: {{max_steps: 50, max_n: 2, max_prompt_length: 200, max_guidance_scale: 10}}
-"""
-
-
 @pytest.fixture(scope="module")
 def ray_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCli]:
     tmp_path = tmp_path_factory.mktemp("ray-cli")
     models_file = tmp_path / "models.yaml"
-    models_file.write_text(MODELS_YAML.format(path=tmp_path / "tiny-sd"))
+    # One small model (the live server's tiny SD entry): these tests are about the command (its
+    # ports, readiness and hostile clients), not about what the models draw (test_ray_serve).
+    models_file.write_text("models:" + TINY_SD_YAML.format(tiny_sd_path=tmp_path / "tiny-sd",
+                                                           max_steps=50))
     port = free_port()
     log_path = tmp_path / "serve.log"
     script = Path(sys.executable).with_name("blockserve")
