@@ -22,11 +22,14 @@ In order, cheapest first, each printed as it finishes:
     sd.speed.bfloat16    ms per image at 512x512, 20 steps, vs diffusers (interleaved)
     sd.engine            the engine's throughput at batch 1/2/4/8; batched vs alone images
     sd.alone             max_batch_size 1: each job alone, the same bytes as a lone run
+    sd.step_scheduling   step- vs request-level scheduling under open-loop Poisson load
+                         (4- and 20-step jobs, half and half): p95 per class, the onset
+                         and capacity goals of bench/open_loop.py
     sd.offload_budget    auto offload under a budget of one model: moves, same image
     sd.parity.float16, sd.speed.float16
     weight_pool          Ray: two replicas with 0.25 GPU each build the VAE from one pool
                          entry, idle offload frees the device, the pool brings it back
-    flux2-klein.*        the same for FLUX.2 [klein] at 1024x1024, 4 steps
+    flux2-klein.*        the same for FLUX.2 [klein] at 1024x1024, 4 steps (no step_scheduling)
 
 `--budget-s` (420 s by default: with the grace and the imports, under 8 minutes) stops
 cleanly: a check is skipped when too little time is left, long ones stop
@@ -64,11 +67,13 @@ from gpu_checks.environment import (  # noqa: E402
 from gpu_checks.memory import check_oom_retry  # noqa: E402
 from gpu_checks.pipelines import FamilyPlan, FamilyRun  # noqa: E402
 from gpu_checks.runner import Budget, Check, Outcome, Report, Runner, log  # noqa: E402
+from gpu_checks.scheduling import check_step_scheduling  # noqa: E402
 from gpu_checks.weight_pool import check_weight_pool  # noqa: E402
 
 FULL_PLANS = (
     FamilyPlan("sd", "real", 512, 512, 20, 7.5, ("bfloat16", "float16"), speed_rounds=3,
-               engine_batches=(1, 2, 4, 8), engine_rounds=2),
+               engine_batches=(1, 2, 4, 8), engine_rounds=2, step_loads=(0.25, 0.5, 0.8, 1.1),
+               step_run_seconds=10.0, step_lone_repeats=3),
     FamilyPlan("flux2-klein", "real", 1024, 1024, 4, None, ("bfloat16", "float16"),
                speed_rounds=3, engine_batches=(1, 2, 4, 8), engine_rounds=2),
 )
@@ -76,15 +81,15 @@ FULL_PLANS = (
 # Two batch sizes are enough to exercise the engine check's logic there.
 SMOKE_PLANS = (
     FamilyPlan("sd", "tiny", 64, 64, 4, 7.5, ("float32", "bfloat16"), speed_rounds=1,
-               engine_batches=(1, 4), engine_rounds=1),
+               engine_batches=(1, 4), engine_rounds=1, step_loads=(0.5,), step_run_seconds=2.0),
     FamilyPlan("flux2-klein", "tiny", 32, 32, 2, None, ("float32", "bfloat16"), speed_rounds=1,
                engine_batches=(1, 4), engine_rounds=1),
 )
 # Seconds a check needs at least on the GPU (skipped with less left); the smoke run's are 1.
 MIN_SECONDS = {"checkpoint": 20, "load": 10, "parity": 10, "speed": 15, "engine": 30,
-               "alone": 15, "offload_budget": 10, "weight_pool": 30}
+               "alone": 15, "step_scheduling": 60, "offload_budget": 10, "weight_pool": 30}
 FLUX_MIN_SECONDS = {"checkpoint": 90, "load": 30, "parity": 15, "speed": 30, "engine": 60,
-                    "alone": 30, "offload_budget": 15}
+                    "alone": 30, "step_scheduling": 60, "offload_budget": 15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,7 +153,15 @@ def family_checks(run: FamilyRun, minimum: dict[str, float], before_load: Callab
         return check_alone(run.engine, run.alone_model_name, jobs=4,
                            must_match_batched=device.type == "cpu")
 
+    def step_scheduling() -> Outcome:
+        assert run.engine is not None
+        return check_step_scheduling(run.engine, run.request_model_name, run.budget,
+                                     plan.step_loads, plan.step_run_seconds,
+                                     plan.step_lone_repeats)
+
     name = f"{family}."
+    scheduling = [Check(name + "step_scheduling", step_scheduling, minimum["step_scheduling"],
+                        needs=(name + "engine",))] if plan.step_loads else []
     return [
         Check(name + "checkpoint", run.write, minimum["checkpoint"]),
         Check(name + "load", load, minimum["load"], needs=(name + "checkpoint",)),
@@ -158,6 +171,7 @@ def family_checks(run: FamilyRun, minimum: dict[str, float], before_load: Callab
               needs=(name + f"parity.{first}",)),
         Check(name + "engine", engine, minimum["engine"], needs=(name + "load",)),
         Check(name + "alone", alone, minimum["alone"], needs=(name + "engine",)),
+        *scheduling,
         Check(name + "offload_budget", run.offload_budget, minimum["offload_budget"],
               needs=(name + f"parity.{first}",)),
         Check(name + f"parity.{second}", lambda: run.parity(second), minimum["parity"],

@@ -8,7 +8,8 @@ steps (half and half, seeded), for `--duration` seconds; a request's latency cou
 scheduled arrival, so a late client never hides queueing. Runs alternate between the two
 servers (the order flips each round), so load from elsewhere on the machine hits a run, not a
 mode. Printed per model and rate: throughput, p50/p95 per class (4 and 20 steps), the mean
-requests per denoiser forward, errors; then the goals:
+requests per denoiser forward, errors; then the goals (`bench/open_loop.py`, which the GPU
+check's `sd.step_scheduling` shares):
 
 - at the lowest rate where request-level p95 (per class) is at least 2x its unloaded latency,
   step-level p95 <= 0.6x request-level p95;
@@ -44,15 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from open_loop import MODES, goal_lines, percentile, schedule  # noqa: E402
 from serve_throughput import Server, free_port, start, wait_ready  # noqa: E402
 
 CLASSES = (4, 20)
-MODES = ("step", "request")
 MODELS = {  # name: (models-file entry, size, guidance, default rates per second)
     "shapes": ("tiny-shapes-sd", 64, 5.0, (1.0, 2.0, 4.0, 6.0, 8.0)),
     "tiny-sd": ("tiny-sd", 32, 7.5, (2.0, 5.0, 10.0, 20.0, 30.0)),
@@ -81,12 +81,8 @@ class Run:
     def completed(self) -> int:
         return sum(len(v) for v in self.latencies.values())
 
-    def p(self, q: int, cls: int | None = None) -> float:
-        values = self.latencies[cls] if cls is not None else \
-            [x for v in self.latencies.values() for x in v]
-        if len(values) < 2:
-            return values[0] if values else float("nan")
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+    def p(self, q: int, cls: int) -> float:
+        return percentile(self.latencies[cls], q)
 
     @property
     def per_forward(self) -> float:
@@ -116,18 +112,6 @@ def forward_totals(server: Server, model: str) -> tuple[float, float]:
                           r"(\S+)$", text, re.M)
         totals.append(float(match.group(1)) if match else 0.0)
     return totals[0], totals[1]
-
-
-def schedule(rate: float, duration: float, seed: int) -> list[tuple[float, int, int]]:
-    """(arrival second, steps, request seed) of an open-loop Poisson load."""
-    rng = np.random.default_rng(seed)
-    arrivals, now, index = [], 0.0, 0
-    while True:
-        now += rng.exponential(1.0 / rate)
-        if now > duration:
-            return arrivals
-        arrivals.append((now, CLASSES[int(rng.random() < 0.5)], seed * 100_000 + index))
-        index += 1
 
 
 def body(model: str, size: int, guidance: float, steps: int, seed: int) -> dict:
@@ -203,34 +187,10 @@ def print_model(name: str, size: int, base: dict[str, dict[int, float]],
         step, request = by_mode["step"], by_mode["request"]
         ratios = ", ".join(f"{c} steps {step.p(95, c) / request.p(95, c):.2f}x" for c in CLASSES)
         print(f"{rate:6.2f} | p95 step/request: {ratios}")
-    # Goal 1: the lowest rate where request-level p95 >= 2x unloaded, for a class.
-    verdicts = []
-    for cls in CLASSES:
-        loaded = [rate for rate, by_mode in results.items()
-                  if by_mode["request"].p(95, cls) >= 2 * base["request"][cls]]
-        if not loaded:
-            verdicts.append(f"{cls} steps: request-level p95 never reached 2x unloaded")
-            continue
-        rate = min(loaded)
-        ratio = results[rate]["step"].p(95, cls) / results[rate]["request"].p(95, cls)
-        verdicts.append(f"{cls} steps at {rate:g}/s: step p95 = {ratio:.2f}x request "
-                        f"({'met' if ratio <= 0.6 else 'NOT met'}, goal <= 0.6x)")
-    print("goal 1: " + "; ".join(verdicts))
-    # Goal 2: the highest rate within 3x unloaded p95, for every class.
-    best = {}
-    for mode in MODES:
-        within = [rate for rate, by_mode in results.items()
-                  if all(by_mode[mode].p(95, c) <= 3 * base[mode][c] for c in CLASSES)]
-        best[mode] = max(within) if within else 0.0
-    if best["request"]:
-        ratio = best["step"] / best["request"]
-        print(f"goal 2: highest rate with p95 <= 3x unloaded: step {best['step']:g}/s, "
-              f"request {best['request']:g}/s: {ratio:.2f}x "
-              f"({'met' if ratio >= 1.5 else 'NOT met'}, goal >= 1.5x; bounded by the rates "
-              "tried)")
-    else:
-        print(f"goal 2: request-level p95 exceeded 3x unloaded at every rate tried; step "
-              f"stayed within it up to {best['step']:g}/s")
+    p95 = {rate: {mode: {c: run.p(95, c) for c in CLASSES} for mode, run in by_mode.items()}
+           for rate, by_mode in results.items()}
+    for line in goal_lines(p95, base, CLASSES):
+        print(line)
 
 
 # -- the step boundary, in process -----------------------------------------------------------
@@ -374,7 +334,7 @@ def main() -> None:
             for rate in args.rates or default_rates:
                 results[rate] = {mode: Run() for mode in MODES}
                 for round_ in range(args.rounds):
-                    arrivals = schedule(rate, args.duration, args.seed + round_)
+                    arrivals = schedule(rate, args.duration, args.seed + round_, CLASSES)
                     for mode in (MODES if turn % 2 == 0 else tuple(reversed(MODES))):
                         run = asyncio.run(run_load(by_mode[mode], model, size, guidance,
                                                    arrivals))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,16 @@ class ServiceHarness:
         """The registry's loaded model `name` (loaded now if it is not yet)."""
         return self.context.registry.load(name)
 
-    def run_jobs(self, jobs: Sequence[Any]) -> list[Any]:
-        """Submit `jobs` together, wait for all: their `GenerationResult`s in order."""
+    def submit(self, job: Any) -> Future:
+        """Queue `job` on the engine (started on first use): its `GenerationResult` future."""
         if not self._started:
             self.context.engine.start()
             self._started = True
-        futures = [self.context.engine.submit(job) for job in jobs]
+        return self.context.engine.submit(job)
+
+    def run_jobs(self, jobs: Sequence[Any]) -> list[Any]:
+        """Submit `jobs` together, wait for all: their `GenerationResult`s in order."""
+        futures = [self.submit(job) for job in jobs]
         return [future.result(timeout=JOB_TIMEOUT_S) for future in futures]
 
     def stop(self) -> None:
@@ -84,12 +89,13 @@ class EngineRun:
     alone: dict[int, np.ndarray] = field(default_factory=dict)  # seed -> image made alone
     batched: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (b, seed)
 
-    def job(self, seed: int, model: str | None = None) -> Any:
+    def job(self, seed: int, model: str | None = None, steps: int | None = None) -> Any:
         from service.jobs import GenerationJob
 
         return GenerationJob(model=model or self.model, workflow="text2image",
                              prompt=self.prompt, n=1, width=self.width, height=self.height,
-                             steps=self.steps, seed=seed, guidance_scale=self.guidance_scale)
+                             steps=steps or self.steps, seed=seed,
+                             guidance_scale=self.guidance_scale)
 
 
 def _pixels(result: Any) -> np.ndarray:

@@ -66,6 +66,11 @@ class FamilyPlan:
     speed_rounds: int
     engine_batches: tuple[int, ...]
     engine_rounds: int
+    # sd.step_scheduling (gpu_checks.scheduling): offered loads, seconds of arrivals per mode
+    # and load, lone jobs per mode and class; no loads: the family has no such check.
+    step_loads: tuple[float, ...] = ()
+    step_run_seconds: float = 0.0
+    step_lone_repeats: int = 1
     prompt: str = "a photo of a cat sitting on a wooden table, high quality, detailed"
     seed: int = 0
 
@@ -121,6 +126,11 @@ class FamilyRun:
     def alone_model_name(self) -> str:
         return f"{self.model_name}-alone"
 
+    @property
+    def request_model_name(self) -> str:
+        """The same checkpoint scheduled at request granularity (for step_scheduling)."""
+        return f"{self.model_name}-request"
+
     # -- 1. the checkpoint --------------------------------------------------------------------
 
     def write(self) -> Outcome:
@@ -173,7 +183,8 @@ class FamilyRun:
             "sizes": [f"{plan.width}x{plan.height}"],
             "limits": {"max_steps": plan.steps, "max_n": 1},
         }
-        models = {self.model_name: entry, self.alone_model_name: {**entry, "max_batch_size": 1}}
+        models = {self.model_name: entry, self.alone_model_name: {**entry, "max_batch_size": 1},
+                  self.request_model_name: {**entry, "scheduling": "request"}}
         start = time.perf_counter()
         self.harness = ServiceHarness(models, self.scratch / "service-cache",
                                       max_batch_size=max(plan.engine_batches))

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 FAMILY_CHECKS = ("checkpoint", "load", "parity.float32", "speed.float32", "engine", "alone",
                  "offload_budget", "parity.bfloat16", "speed.bfloat16")
-EXPECTED = ["environment", "oom_retry", *(f"sd.{c}" for c in FAMILY_CHECKS),
+SD_CHECKS = (*FAMILY_CHECKS[:6], "step_scheduling", *FAMILY_CHECKS[6:])
+EXPECTED = ["environment", "oom_retry", *(f"sd.{c}" for c in SD_CHECKS),
             *(f"flux2-klein.{c}" for c in FAMILY_CHECKS)]
 # The Python packages of the CUDA image this project's GPU checks may be lent (an H200 with
 # Python 3.12 and torch, no internet), as the device documentation listed them on 2026-11-17.
@@ -106,6 +107,14 @@ def test_smoke_runs_every_check_and_reports_the_figures(smoke) -> None:
         assert checks[f"{family}.alone"]["data"]["calls"] == [1, 1, 1, 1]
         assert checks[f"{family}.offload_budget"]["data"]["evictions"] > 0
         assert checks[f"{family}.speed.bfloat16"]["data"]["ms_per_image"]["diffusers"] > 0
+    scheduling = checks["sd.step_scheduling"]["data"]
+    assert scheduling["classes"] == [1, 4]  # a fifth of the smoke model's 4 steps, and all
+    assert {mode: sorted(by_class) for mode, by_class in scheduling["unloaded_s"].items()} == \
+        {"step": ["1", "4"], "request": ["1", "4"]}  # JSON keys
+    (row,) = scheduling["rates"]
+    assert row["requests"] > 0 and row["step"]["errors"] == row["request"]["errors"] == 0
+    assert row["step"]["mean_requests_sharing_a_step"] >= 1
+    assert len(scheduling["goals"]) == 2 and scheduling["goals"][0].startswith("goal 1: ")
     retry = checks["oom_retry"]["data"]
     assert [m["reason"] for m in retry["moves_after_pressure"]] == ["evict-oom", "load-retry"]
     assert "| sd.engine | passed |" in report["markdown"]
