@@ -89,7 +89,7 @@ SMOKE_PLANS = (
 MIN_SECONDS = {"checkpoint": 20, "load": 10, "parity": 10, "speed": 15, "engine": 30,
                "alone": 15, "step_scheduling": 60, "offload_budget": 10, "weight_pool": 30}
 FLUX_MIN_SECONDS = {"checkpoint": 90, "load": 30, "parity": 15, "speed": 30, "engine": 60,
-                    "alone": 30, "step_scheduling": 60, "offload_budget": 15}
+                    "alone": 30, "offload_budget": 15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
