@@ -19,16 +19,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 # What every developer and CI has at ../shared (a worktree elsewhere can name it); a clone
-# with nothing beside it has none, so a test that reads it carries `needs_kuberay_crd` and
-# skips, saying why.
+# with nothing beside it has none, and a test that reads it (`kuberay_crd()`) skips, saying why.
 SHARED = Path(os.environ.get("BLOCKSERVE_SHARED_DIR") or ROOT.parent / "shared")
 KUBERAY_CRD = SHARED / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
-needs_kuberay_crd = pytest.mark.skipif(
-    not KUBERAY_CRD.exists(), reason=f"KubeRay's CRD schema {KUBERAY_CRD} is missing: no "
-    "../shared beside this clone (set BLOCKSERVE_SHARED_DIR to check against it)")
 DASHBOARD = K8S / "dashboards" / "blockserve.json"
 RAY_SERVE_METRICS = K8S / "ray_serve_metrics.txt"
 KUBERNETES_METRICS = K8S / "kubernetes_metrics.txt"
+
+
+def kuberay_crd() -> dict[str, Any]:
+    """KubeRay's RayService CRD from ../shared; the calling test is skipped, with the reason,
+    when this clone has no ../shared beside it."""
+    if not KUBERAY_CRD.exists():
+        pytest.skip(f"KubeRay's CRD schema {KUBERAY_CRD} is missing: no ../shared beside this "
+                    "clone (set BLOCKSERVE_SHARED_DIR to check against it)")
+    return yaml.safe_load(KUBERAY_CRD.read_text())
 
 
 def load_kustomization(folder: Path = K8S) -> list[dict[str, Any]]:
