@@ -45,6 +45,18 @@ def _ours(path: pathlib.Path) -> ModularPipeline:
     return pipe
 
 
+def _start_pair(factory: pytest.TempPathFactory, name: str, write, reference_class,
+                call: dict, **reference_kwargs):
+    """(folder, diffusers' pipeline, ours, our base image) on a new tiny checkpoint that
+    `write` makes in a temporary folder `name`; adapters are loaded by the caller."""
+    root = factory.mktemp(name)
+    checkpoint = write(root / "ckpt")
+    reference = reference_class.from_pretrained(checkpoint, **reference_kwargs)
+    reference.set_progress_bar_config(disable=True)
+    ours = _ours(checkpoint)
+    return root, reference, ours, _image(ours, call)
+
+
 def _assert_adapters_match(pair, names, weights, call: dict, min_change: float) -> None:
     reference, ours, base = pair
     for pipe in (reference, ours):
@@ -52,6 +64,26 @@ def _assert_adapters_match(pair, names, weights, call: dict, min_change: float) 
     expected, got = _image(reference, call), _image(ours, call)
     assert np.abs(expected - got).max() <= IMAGES_TOL
     assert np.abs(got - base).max() > min_change  # the adapter really changes the image
+
+
+def _assert_fuse_unfuse_round_trip(pair, names, weights, call: dict, denoiser: str) -> None:
+    """Fused adapters give diffusers' fused image and the unfused one (within tolerance);
+    unfusing restores the denoiser's weights and image exactly."""
+    reference, ours, _ = pair
+    for pipe in (reference, ours):
+        pipe.set_adapters(names, weights)
+    unfused = _image(ours, call)
+    model = getattr(ours, denoiser)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for pipe in (reference, ours):
+        pipe.fuse_lora()
+    fused = _image(ours, call)
+    assert np.abs(fused - _image(reference, call)).max() <= IMAGES_TOL
+    assert np.abs(fused - unfused).max() <= IMAGES_TOL
+    for pipe in (reference, ours):
+        pipe.unfuse_lora()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert np.array_equal(_image(ours, call), unfused)
 
 
 # -- Stable Diffusion -------------------------------------------------------------------------
@@ -62,12 +94,9 @@ def sd_pair(tmp_path_factory: pytest.TempPathFactory):
     """(diffusers, ours, base image) with two adapters loaded into both: `pixel` (peft keys,
     attention projections, alpha 8 at rank 4 from the header) and `ink` (kohya keys, every
     Linear and Conv2d of the UNet and text encoder, alpha 2)."""
-    root = tmp_path_factory.mktemp("sd_lora")
-    checkpoint = write_tiny_sd(root / "ckpt")
-    reference = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
-    reference.set_progress_bar_config(disable=True)
-    ours = _ours(checkpoint)
-    base = _image(ours, SD_CALL)
+    root, reference, ours, base = _start_pair(tmp_path_factory, "sd_lora", write_tiny_sd,
+                                              StableDiffusionPipeline, SD_CALL,
+                                              safety_checker=None)
     models = {"unet": reference.unet, "text_encoder": reference.text_encoder}
     pixel = write_lora_file(root / "pixel" / "pytorch_lora_weights.safetensors",
                             *random_lora(models, rank=4, alpha=8, seed=1))
@@ -188,12 +217,9 @@ def _bfl_kohya_lora(seed: int = 3) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def flux_pair(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("flux_lora")
-    checkpoint = write_tiny_flux2_klein(root / "ckpt")
-    reference = Flux2KleinPipeline.from_pretrained(checkpoint)
-    reference.set_progress_bar_config(disable=True)
-    ours = _ours(checkpoint)
-    base = _image(ours, FLUX_CALL)
+    root, reference, ours, base = _start_pair(tmp_path_factory, "flux_lora",
+                                              write_tiny_flux2_klein, Flux2KleinPipeline,
+                                              FLUX_CALL)
     peft = write_lora_file(root / "peft.safetensors", *random_lora(
         {"transformer": reference.transformer}, rank=4, alpha=8, seed=1, targets=_every_module))
     kohya = write_lora_file(root / "kohya.safetensors", _bfl_kohya_lora())
@@ -210,18 +236,8 @@ def test_flux2_adapters_match_diffusers(flux_pair, names, weights):
 
 
 def test_flux2_fuse_unfuse_round_trip(flux_pair):
-    reference, ours, _ = flux_pair
-    for pipe in (reference, ours):
-        pipe.set_adapters(["peft", "kohya"], [0.6, 1.3])
-    unfused = _image(ours, FLUX_CALL)
-    for pipe in (reference, ours):
-        pipe.fuse_lora()
-    fused = _image(ours, FLUX_CALL)
-    assert np.abs(fused - _image(reference, FLUX_CALL)).max() <= IMAGES_TOL
-    assert np.abs(fused - unfused).max() <= IMAGES_TOL
-    for pipe in (reference, ours):
-        pipe.unfuse_lora()
-    assert np.array_equal(_image(ours, FLUX_CALL), unfused)
+    _assert_fuse_unfuse_round_trip(flux_pair, ["peft", "kohya"], [0.6, 1.3], FLUX_CALL,
+                                   "transformer")
 
 
 # -- Stable Diffusion XL ----------------------------------------------------------------------
@@ -236,12 +252,8 @@ def sdxl_pair(tmp_path_factory: pytest.TempPathFactory):
 
     from blocks.stable_diffusion_xl.tiny_model import write_tiny_sdxl
 
-    root = tmp_path_factory.mktemp("sdxl_lora")
-    checkpoint = write_tiny_sdxl(root / "ckpt")
-    reference = StableDiffusionXLPipeline.from_pretrained(checkpoint)
-    reference.set_progress_bar_config(disable=True)
-    ours = _ours(checkpoint)
-    base = _image(ours, SD_CALL)
+    root, reference, ours, base = _start_pair(tmp_path_factory, "sdxl_lora", write_tiny_sdxl,
+                                              StableDiffusionXLPipeline, SD_CALL)
     models = {"unet": reference.unet, "text_encoder": reference.text_encoder,
               "text_encoder_2": reference.text_encoder_2}
     pixel = write_lora_file(root / "pixel" / "pytorch_lora_weights.safetensors",
@@ -273,17 +285,4 @@ def test_sdxl_adapters_match_diffusers(sdxl_pair, names, weights):
 
 
 def test_sdxl_fuse_unfuse_round_trip(sdxl_pair):
-    reference, ours, _ = sdxl_pair
-    for pipe in (reference, ours):
-        pipe.set_adapters(["pixel", "ink"], [0.7, 0.6])
-    unfused = _image(ours, SD_CALL)
-    weights = {name: tensor.clone() for name, tensor in ours.unet.state_dict().items()}
-    for pipe in (reference, ours):
-        pipe.fuse_lora()
-    fused = _image(ours, SD_CALL)
-    assert np.abs(fused - _image(reference, SD_CALL)).max() <= IMAGES_TOL
-    assert np.abs(fused - unfused).max() <= IMAGES_TOL
-    for pipe in (reference, ours):
-        pipe.unfuse_lora()
-    assert all(torch.equal(tensor, weights[name])
-               for name, tensor in ours.unet.state_dict().items())
+    _assert_fuse_unfuse_round_trip(sdxl_pair, ["pixel", "ink"], [0.7, 0.6], SD_CALL, "unet")
